@@ -1,0 +1,43 @@
+"""llm_embedder_jax entry point: one mode, one call into the library.
+
+  python main.py                                            # the demo (configs/demo.py)
+  python main.py --mode=embed --config=configs/embed.py --config.input=texts.txt
+  python main.py --mode=score --config=configs/score.py:toy --workdir=runs/score
+  python main.py --mode=train --config=configs/llm_embedder.py:tiny --workdir=runs/tiny
+"""
+import importlib
+
+from absl import app, flags
+from ml_collections import config_flags
+
+# Each mode is "module:function"; the function takes (config, workdir).
+MODES = {
+    "embed": "llm_embedder_jax.export:run_embed",
+    "score": "llm_embedder_jax.rewards:run_score",
+    "train": "llm_embedder_jax.train:train_and_evaluate",
+    "eval": "llm_embedder_jax.evaluate:run_eval",
+    "demo": "llm_embedder_jax.demo:run_demo",
+}
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("mode", None, list(MODES), "What to run; defaults to the config's own `mode`.")
+flags.DEFINE_string("workdir", None, "Output folder (local or remote path); defaults to the config's.")
+config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file, variant after a colon.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = FLAGS.config
+    mode = FLAGS.mode or config.get("mode")
+    if mode not in MODES:
+        raise app.UsageError(f"no mode: pass --mode (one of {', '.join(MODES)}) or set config.mode")
+    workdir = FLAGS.workdir or config.get("workdir")
+    if not workdir:
+        raise app.UsageError("no workdir: pass --workdir or set config.workdir")
+    module, function = MODES[mode].split(":")
+    getattr(importlib.import_module(module), function)(config, workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)
