@@ -13,7 +13,7 @@ from ml_collections import config_flags
 # Each mode is "module:function"; the function takes (config, workdir).
 MODES = {
     "embed": "llm_embedder_jax.export:run_embed",
-    "score": "llm_embedder_jax.rewards:run_score",
+    "score": "llm_embedder_jax.score:run_score",
     "train": "llm_embedder_jax.train:train_and_evaluate",
     "eval": "llm_embedder_jax.evaluate:run_eval",
     "demo": "llm_embedder_jax.demo:run_demo",

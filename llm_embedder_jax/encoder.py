@@ -77,11 +77,15 @@ def config_from_hf(hf_config, *, pooling="cls"):
     )
 
 
+def _at_least_f32(x):
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _layer_norm(x, scale, bias, eps):
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    return ((x32 - mean) * jax.lax.rsqrt(var + eps) * scale + bias).astype(x.dtype)
+    wide = _at_least_f32(x)
+    mean = wide.mean(-1, keepdims=True)
+    var = jnp.square(wide - mean).mean(-1, keepdims=True)
+    return ((wide - mean) * jax.lax.rsqrt(var + eps) * scale + bias).astype(x.dtype)
 
 
 def _dense(x, p):
@@ -121,12 +125,12 @@ def hidden_states(params, ids, mask, *, config, dtype=jnp.float32, remat="none")
 
 
 def pool(hidden, mask, *, pooling):
-    """Sentence vector in float32: the CLS token, or the mean over real tokens."""
-    hidden = hidden.astype(jnp.float32)
+    """Sentence vector in (at least) float32: the CLS token, or the mean over real tokens."""
+    hidden = _at_least_f32(hidden)
     if pooling == "cls":
         return hidden[:, 0]
     if pooling == "mean":
-        m = mask.astype(jnp.float32)[..., None]
+        m = mask.astype(hidden.dtype)[..., None]
         # Clamp as sentence-transformers does, so an all-padding row gives zeros, not NaN.
         return (hidden * m).sum(1) / jnp.maximum(m.sum(1), 1e-9)
     raise ValueError(f"unknown pooling {pooling!r}: expected 'cls' or 'mean'")
@@ -137,7 +141,7 @@ def normalize(x, eps=1e-12):
 
 
 def embed(params, ids, mask, *, config, dtype=jnp.float32, remat="none"):
-    """L2-normalised float32 embeddings [B, H]."""
+    """L2-normalised embeddings [B, H], float32 (float64 under a float64 `dtype`)."""
     h = hidden_states(params, ids, mask, config=config, dtype=dtype, remat=remat)
     return normalize(pool(h, jnp.asarray(mask), pooling=config.pooling))
 

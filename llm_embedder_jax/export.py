@@ -15,7 +15,8 @@ import numpy as np
 
 from llm_embedder_jax import atomic, buckets, encoder, sharding, tasks
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Compute dtypes; parameters stay float32. float64 (with jax x64 enabled) serves numerical tests.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 
 def _check_texts(texts):

@@ -14,7 +14,7 @@ Two rewards:
   The paper states the idea, not the formula; this family is our reading of it.
 
 The LLM is any object with `loglik(prompts, answers, batch_size=, max_length=)`,
-`sample(prompts, n=, max_new_tokens=, temperature=, top_p=, seed=)` and a
+`sample(prompts, n=, max_new_tokens=, temperature=, top_p=, seed=, batch_size=, max_length=)` and a
 `tokenizer` (`llm.RewardLM`). The ranking math is pure functions of likelihood
 arrays that take numpy and jax arrays alike.
 """
@@ -161,7 +161,8 @@ def rank_aware_rewards(lm, examples, *, num_samples=10, sample_from="query", tra
     base_prompts = [reward_prompt(ex.task, query=ex.query, context=ex.context) for ex in examples]
     # Slots in example order; an example's base slot, when present, comes after its keys.
     slots = [(i, p) for i, ps in enumerate(prompts) for p in ps + ([base_prompts[i]] if with_base else [])]
-    sampling = dict(n=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    sampling = dict(n=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                    batch_size=batch_size, max_length=max_length)
     if sample_from == "query":
         per_query = lm.sample(base_prompts, **sampling)
         samples = [per_query[i] for i, _ in slots]

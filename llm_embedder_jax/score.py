@@ -47,16 +47,12 @@ def candidate_fields(task):
 
 
 def record_lines(path):
-    """(ordinal, line number, text) of every non-blank line; ordinals count records from 0."""
+    """(ordinal, line number, bytes) of every non-blank line; ordinals count records from 0."""
     ordinal = 0
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise BadRecord(path, number, None, f"not UTF-8 ({e.reason} at byte {e.start})") from None
-            if text.strip():
-                yield ordinal, number, text
+            if raw.strip():
+                yield ordinal, number, raw
                 ordinal += 1
 
 
@@ -78,9 +74,13 @@ def _describe(value):
     return "nothing" if value is None else f"{type(value).__name__} {json.dumps(value)[:60]}"
 
 
-def parse_record(text, *, path, line, ordinal, config):
-    """(RewardExample, output record without scores) of one JSONL line, or BadRecord."""
+def parse_record(raw, *, path, line, ordinal, config):
+    """(RewardExample, output record without scores) of one JSONL line (bytes), or BadRecord."""
     bad = lambda field, problem: BadRecord(path, line, field, problem)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise bad(None, f"not UTF-8 ({e.reason} at byte {e.start})") from None
     try:
         record = json.loads(text)
     except json.JSONDecodeError as e:
@@ -142,12 +142,13 @@ def _length(value):
 
 def scan_file(path, config):
     """(number of records, sha256 of the file); raises the first BadRecord unless skipping them."""
-    digest = hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
     count = 0
-    for ordinal, line, text in record_lines(path):
+    for ordinal, line, raw in record_lines(path):
         count += 1
         try:
-            parse_record(text, path=path, line=line, ordinal=ordinal, config=config)
+            parse_record(raw, path=path, line=line, ordinal=ordinal, config=config)
         except BadRecord:
             if not config.skip_bad_records:
                 raise
@@ -159,13 +160,22 @@ def score_examples(lm, examples, config, *, seed):
     options = dict(key_max_tokens=config.key_max_tokens, batch_size=config.batch_size,
                    max_length=config.max_length or None)
     if config.reward == "likelihood":
-        return [{"teacher_scores": s.tolist()} for s in rewards.likelihood_rewards(lm, examples, **options)]
-    return [{"teacher_scores": r.tolist(), "teacher_ranks": k.tolist()}
+        return [{"teacher_scores": _floats(s)} for s in rewards.likelihood_rewards(lm, examples, **options)]
+    return [{"teacher_scores": _floats(r), "teacher_ranks": k.tolist()}
             for r, k in rewards.rank_aware_rewards(lm, examples, seed=seed, **config.rank, **options)]
 
 
+def _floats(values):
+    # The shortest text that reads back as the same float32 (-2.07 rather than -2.069999933242798).
+    return [float(str(np.float32(v))) for v in values]
+
+
+def _shard_suffix(process_index, process_count):
+    return ".jsonl" if process_count == 1 else f".{process_index}-of-{process_count}.jsonl"
+
+
 def shard_name(shard, process_index, process_count):
-    return f"{shard:05d}.jsonl" if process_count == 1 else f"{shard:05d}.{process_index}-of-{process_count}.jsonl"
+    return f"{shard:05d}{_shard_suffix(process_index, process_count)}"
 
 
 def _my_records(start, stop, process_index, process_count):
@@ -196,6 +206,9 @@ def score_shards(lm, path, *, config, shard_dir, num_records, process_index, pro
             if (shard_dir / shard_name(s, process_index, process_count)).exists()]
     mine = _my_records(0, num_records, process_index, process_count)
     resumed = sum(_my_records(s * size, min(num_records, (s + 1) * size), process_index, process_count) for s in done)
+    # A killed run can leave the temporary file of a shard it was writing; this process's own only.
+    for stale in shard_dir.glob(f".*{_shard_suffix(process_index, process_count)}.tmp-*"):
+        stale.unlink()
     if done:
         logging.info("%s: resuming, %d of %d shards already scored", path, len(done), -(-num_records // size))
     from tqdm import tqdm
@@ -206,9 +219,9 @@ def score_shards(lm, path, *, config, shard_dir, num_records, process_index, pro
             if target.exists():
                 continue
             entries, examples, outputs = [], [], []
-            for ordinal, line, text in records:
+            for ordinal, line, raw in records:
                 try:
-                    example, output = parse_record(text, path=path, line=line, ordinal=ordinal, config=config)
+                    example, output = parse_record(raw, path=path, line=line, ordinal=ordinal, config=config)
                 except BadRecord as e:
                     if not config.skip_bad_records:
                         raise
@@ -280,13 +293,14 @@ def score_files(config, workdir, *, lm=None, process_index=0, process_count=1):
     for path in scans:
         if (workdir / path.name).resolve() == path.resolve():
             raise ValueError(f"the output {workdir / path.name} would overwrite its input: choose another workdir")
-    lm = lm or load_reward_lm(config)
+    if lm is None:
+        lm = load_reward_lm(config)
     started = time.time()
     scoring = {k: config[k].to_dict() if hasattr(config[k], "to_dict") else config[k] for k in SCORING_FIELDS}
     report = {"reward": config.reward, "files": {}, "skipped": 0}
     for path, (num_records, digest) in scans.items():
         shard_dir = workdir / "shards" / path.stem
-        _check_manifest(shard_dir, {"input": str(path), "sha256": digest, "records": num_records,
+        _check_manifest(shard_dir, {"sha256": digest, "records": num_records,
                                     "shard_size": config.shard_size, "process_count": process_count,
                                     "scoring": scoring})
         score_shards(lm, path, config=config, shard_dir=shard_dir, num_records=num_records,
@@ -316,6 +330,4 @@ def score_files(config, workdir, *, lm=None, process_index=0, process_count=1):
 def run_score(config, workdir):
     """`main.py --mode=score`."""
     import jax
-    report = score_files(config, workdir, process_index=jax.process_index(), process_count=jax.process_count())
-    if report["skipped"]:
-        print(f"skipped {report['skipped']} bad records; see {pathlib.Path(workdir) / 'score_report.json'}")
+    score_files(config, workdir, process_index=jax.process_index(), process_count=jax.process_count())

@@ -47,3 +47,49 @@ def real_texts():
             if doc and doc not in texts:
                 texts.append(doc)
     return texts
+
+
+@pytest.fixture(scope="session")
+def tiny_cls_checkpoint(tmp_path_factory, minilm_dir):
+    """A small random BERT saved by transformers with MiniLM's tokenizer and no sentence-transformers
+    files (so: CLS pooling). Fast enough to train in tests."""
+    import shutil
+
+    import torch
+    import transformers
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                     intermediate_size=128, max_position_embeddings=128)
+    torch.manual_seed(0)
+    transformers.BertModel(config, add_pooling_layer=False).save_pretrained(folder, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm_dir / name, folder / name)
+    return folder
+
+
+def docstring_records(real_texts, *, count, candidates=6, teacher=True, task="qa", seed=0):
+    """Records in the training format made from real text: query = a docstring's first line,
+    pos = its body, neg = other docstrings; teacher scores favour the positive."""
+    import random
+    rng = random.Random(seed)
+    usable = [t for t in real_texts if "\n" in t and len(t) > 80]
+    out = []
+    for i in range(count):
+        doc = usable[i % len(usable)]
+        first, body = doc.split("\n", 1)
+        negs = rng.sample([t for t in usable if t != doc], candidates - 1)
+        record = {"query": first, "pos": [body[:400]], "neg": [n[:400] for n in negs], "task": task,
+                  "answers": [body[:80]]}
+        if teacher:
+            record["teacher_scores"] = [0.0] + [-1.0 - rng.random() for _ in negs]
+        out.append(record)
+    return out
+
+
+@pytest.fixture(scope="session")
+def docstring_jsonl(tmp_path_factory, real_texts):
+    """A qa-format JSONL file of 32 records from stdlib docstrings."""
+    import json
+    path = tmp_path_factory.mktemp("docstring_data") / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in docstring_records(real_texts, count=32)))
+    return path

@@ -76,19 +76,6 @@ def test_mesh_encode_equals_single_device(minilm_dir, real_texts):
     np.testing.assert_allclose(sharded, single, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def tiny_cls_checkpoint(tmp_path_factory, minilm_dir):
-    """A small random BERT saved by transformers, with no sentence-transformers files (so: CLS pooling)."""
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    config = transformers.BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                     intermediate_size=128, max_position_embeddings=128)
-    torch.manual_seed(0)
-    transformers.BertModel(config, add_pooling_layer=False).save_pretrained(folder, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(minilm_dir / name, folder / name)
-    return folder
-
-
 def test_cls_pooling_small_bert(tiny_cls_checkpoint, real_texts):
     model = Embedder.from_pretrained(tiny_cls_checkpoint)
     assert model.config.pooling == "cls"

@@ -9,6 +9,9 @@ import pytest
 from llm_embedder_jax import losses
 
 B, G, D = 3, 4, 6
+# jitted (eager dispatch is the slow part of these tiny tests); hyper-parameters are static
+graded = jax.jit(losses.graded_distillation, static_argnames=("temperature", "reward_temperature", "pin_positive"))
+contrastive = jax.jit(losses.contrastive, static_argnames=("temperature",))
 
 
 def _f64(*arrays):
@@ -146,9 +149,8 @@ def test_graded_with_one_hot_rewards_is_contrastive():
     q, k, _ = embeddings(1)
     teacher = np.zeros((B, G), np.float32)
     teacher[:, 0] = 100.0  # all weight on the positive, which then ranks first: rank 0 sees every key
-    graded = losses.graded_distillation(q, k, teacher, temperature=0.02, reward_temperature=0.01)
-    plain = losses.contrastive(q, k, temperature=0.02)
-    np.testing.assert_allclose(float(graded), float(plain), rtol=1e-6)
+    value = graded(q, k, teacher, temperature=0.02, reward_temperature=0.01)
+    np.testing.assert_allclose(float(value), float(contrastive(q, k, temperature=0.02)), rtol=1e-6)
 
 
 def test_pin_positive_reproduces_released_loop():
@@ -161,16 +163,16 @@ def test_pin_positive_reproduces_released_loop():
     expected = anchor_graded_distill(q, presorted_k, presorted_teacher, 0.5)
 
     for keys, scores in ((k, teacher), (presorted_k, presorted_teacher)):  # sorting happens inside
-        ours = losses.graded_distillation(q, keys, scores, temperature=0.5, pin_positive=True)
+        ours = graded(q, keys, scores, temperature=0.5, pin_positive=True)
         np.testing.assert_allclose(float(ours), expected, rtol=1e-5)
-    unpinned = losses.graded_distillation(q, k, teacher, temperature=0.5, pin_positive=False)
+    unpinned = graded(q, k, teacher, temperature=0.5, pin_positive=False)
     assert abs(float(unpinned) - expected) > 1e-3  # the positive is not the top-scored candidate everywhere
 
 
 def test_ties_keep_candidate_order():
     q, k, _ = embeddings(3, batch=2, group=4)
     teacher = np.array([[0.5, 2.0, 2.0, 2.0], [1.0, 1.0, 0.0, 1.0]])
-    ours = float(losses.graded_distillation(q, k, teacher, temperature=0.05))
+    ours = float(graded(q, k, teacher, temperature=0.05))
     stable = ref_graded(q, k, teacher, 0.05, 1.0, False)
     reversed_ties = ref_graded(q, k, teacher, 0.05, 1.0, False, tie_break=lambda j: -j)
     np.testing.assert_allclose(ours, stable, rtol=1e-5)
@@ -181,8 +183,8 @@ def test_ties_keep_candidate_order():
 def test_bfloat16_in_bfloat16_out(name):
     ours, _ = CASES[name]
     q, k, teacher = embeddings(4)
-    value32 = ours(q, k, teacher)
-    value, grads = jax.value_and_grad(ours, argnums=(0, 1))(
+    value32 = jax.jit(ours)(q, k, teacher)
+    value, grads = jax.jit(jax.value_and_grad(ours, argnums=(0, 1)))(
         jnp.asarray(q, jnp.bfloat16), jnp.asarray(k, jnp.bfloat16), teacher)
     assert value.dtype == jnp.bfloat16
     assert all(g.dtype == jnp.bfloat16 for g in grads)
@@ -200,9 +202,9 @@ def test_masking_stays_finite_at_extreme_temperatures(pin_positive, batch):
     value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(q, k)
     assert np.isfinite(float(value))
     assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
-    kl_value, kl_grads = jax.value_and_grad(
+    kl_value, kl_grads = jax.jit(jax.value_and_grad(
         lambda q_, k_: losses.kl_distillation(q_, k_, teacher, temperature=1e-4, teacher_temperature=1e-3),
-        argnums=(0, 1))(q, k)
+        argnums=(0, 1)))(q, k)
     assert np.isfinite(float(kl_value))
     assert all(np.all(np.isfinite(np.asarray(g))) for g in kl_grads)
 
@@ -210,7 +212,8 @@ def test_masking_stays_finite_at_extreme_temperatures(pin_positive, batch):
 def test_graded_gradient_at_one_query_matches_reference():
     # B = 1: no other query, so the denominator is the own group alone
     q, k, teacher = embeddings(6, batch=1)
-    grads = jax.grad(lambda q_, k_: losses.graded_distillation(q_, k_, teacher, temperature=0.1), argnums=(0, 1))
+    grads = jax.jit(jax.grad(lambda q_, k_: losses.graded_distillation(q_, k_, teacher, temperature=0.1),
+                             argnums=(0, 1)))
     with jax.enable_x64(True):
         ours = grads(*_f64(q, k))
     expected = finite_difference_grad(lambda q_, k_: ref_graded(q_, k_, teacher, 0.1, 1.0, False), q, k)
