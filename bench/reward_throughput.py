@@ -55,6 +55,8 @@ def main():
     p.add_argument("--gen-batch", type=int, default=64)
     p.add_argument("--gen-prompt", type=int, default=256)
     p.add_argument("--gen-new", type=int, default=32)
+    p.add_argument("--attention", default=None, choices=("cudnn", "xla"),
+                   help="attention of the prefill/scoring forward (default: cudnn on GPU, xla elsewhere)")
     p.add_argument("--json", default=None)
     a = p.parse_args()
 
@@ -66,7 +68,7 @@ def main():
                              rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False,
                              max_position_embeddings=max(a.seqlen, a.gen_prompt + a.gen_new))
     dtype = jnp.bfloat16 if gpu else jnp.float32
-    attention_impl = "cudnn" if gpu else "xla"
+    attention_impl = a.attention or ("cudnn" if gpu else "xla")
     params = jax.jit(functools.partial(llm.init_params, config=config, dtype=dtype))(jax.random.key(0))
     rng = np.random.default_rng(0)
 
@@ -102,7 +104,7 @@ def main():
         "gen_new_tokens_per_s": a.gen_batch * a.gen_new / gen_dt,
         "gen_decode_new_tokens_per_s": a.gen_batch * (a.gen_new - 1) / max(gen_dt - prefill_dt, 1e-9),
         "peak_mem_gib": stats["peak_bytes_in_use"] / 2**30 if stats else None,
-        "jax": jax.__version__,
+        "attention": attention_impl, "jax": jax.__version__,
     }
     print(json.dumps(res))
     if a.json:

@@ -1,14 +1,117 @@
-"""The default config of main.py: embeds this repository's README, one line per text.
+"""The default config of main.py: score → train → evaluate → export on real source code.
 
-  python main.py --workdir=runs/demo
+  python main.py --workdir=runs/demo                                   # the standard library, CPU, ~20 min
+  python main.py --workdir=runs/demo --config.seeds=3                  # + two more training seeds
+  python main.py --config=configs/demo.py:quick --workdir=runs/quick   # about a minute (CI)
+  python main.py --config=configs/demo.py:full --workdir=runs/full     # one GPU
+  python main.py --workdir=runs/mine --config.data.source=/path/to/code --config.data.pattern="*.go"
+
+Long-range language modelling: the LLM predicts the next chunk of a source file
+from the current one, and the retriever picks one earlier chunk of the same
+file to put in front. Samples come from `data.source` (`data/code_lrlm.py`),
+the bundled SmolLM2-135M-Instruct rewards each candidate chunk of the training
+files, the bundled all-MiniLM-L6-v2 is fine-tuned on those rewards with the
+lrlm recipe (KL distillation, T_teacher 0.1), and held-out files measure the
+LLM's perplexity of the next chunk with the top-1 retrieved chunk (and its
+continuation) in the prompt: no retrieval, BM25, the encoder before and after
+training. Stages are cached under the workdir (data/, score/, train/, eval/):
+a rerun skips what is done.
+
+Variants (comma-separated): `quick` (a handful of files, for CI), `full`
+(sized for one GPU), `rank` (the rank-aware reward instead of the likelihood).
 """
-from configs import embed
+import ml_collections
+
+from configs import llm_embedder, score
+
+VARIANTS = ("quick", "full", "rank")
 
 
 def get_config(arg=None):
-    config = embed.get_config(arg)
-    config.workdir = "runs/demo"
-    config.input = "README.md"
-    config.task = "qa"
-    config.kind = "key"
+    variants = [v for v in (arg or "").split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or ("quick" in variants and "full" in variants):
+        raise ValueError(f"unknown or conflicting variant(s) {variants} of configs/demo.py: expected any of "
+                         f"{', '.join(VARIANTS)} ('quick' and 'full' exclusive)")
+    config = ml_collections.ConfigDict()
+    config.mode = "demo"
+    config.workdir = "runs/demo"  # used when --workdir is not given
+    config.seeds = 1  # training seeds (train.seed, +1, ...) sharing the same scored data; the report gives mean ± std
+
+    # --- data (data/code_lrlm.py): chunks of source files, split by file ---
+    config.data = ml_collections.ConfigDict()
+    config.data.source = "stdlib"  # a folder, a glob ("src/**/*.py"), or "stdlib" (this Python's standard library)
+    config.data.pattern = "*.py"  # files taken below a folder source
+    config.data.exclude_dirs = ("test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__")
+    config.data.tokenizer = "smollm2"  # tokenizer that measures chunks: the reward LLM's
+    config.data.chunk_tokens = 32  # LLM tokens per chunk (query, answer and each candidate)
+    config.data.context_chunks = 1  # chunks right before the query, always in the prompt (not candidates)
+    config.data.min_candidates = 2  # a query position needs this many earlier chunks
+    config.data.validation_fraction = 0.1  # files (by path hash) kept out of train and test, for tuning
+    config.data.test_fraction = 0.1  # files (by path hash) held out for the evaluation
+    # Per split: files with samples (in path-hash order), query positions per file, candidates
+    # per query (the nearest earlier chunks). Scoring costs one LLM pass per train candidate;
+    # evaluating costs one pass per test query and retriever, whatever the candidate count.
+    config.data.train = ml_collections.ConfigDict(dict(max_files=60, max_samples_per_file=4, max_candidates=8))
+    config.data.test = ml_collections.ConfigDict(dict(max_files=60, max_samples_per_file=4, max_candidates=32))
+
+    # --- teacher scores of the train split (score.py); its LLM also measures the perplexities ---
+    config.score = score.get_config("rank" if "rank" in variants else "toy")
+    config.score.inputs = ()  # filled by the demo: data/train.jsonl
+    config.score.batch_size = 16
+
+    # --- training (train.py), the lrlm recipe of configs/llm_embedder.py ---
+    config.train = llm_embedder.get_config("tiny,lrlm")
+    config.train.datasets[0].name = "code"
+    config.train.datasets[0].path = "train.jsonl"  # under the score stage's folder (filled by the demo)
+    config.train.eval_files = []  # held-out files are judged by the LLM in the eval stage instead
+    config.train.eval_every = 0
+    config.train.global_batch_size = 8
+    config.train.group_size = 8  # candidates per query in the KL distillation (repeated when fewer)
+    config.train.query_max_len = 96
+    config.train.key_max_len = 96
+    config.train.num_steps = 120
+    config.train.learning_rate = 5e-5
+    config.train.log_every = 20
+    config.train.checkpoint_every = 120
+
+    # --- evaluation on the test split (evaluate.py) ---
+    config.eval = ml_collections.ConfigDict()
+    # Rows beside the trained encoder(s): "<name>=<retriever spec>" (search.build_retriever).
+    config.eval.retrievers = ("none=none", "bm25=bm25", "untrained=minilm")
+    config.eval.k = 1  # retrieved chunks in the prompt (each with the chunk after it)
+    config.eval.key_max_tokens = 256  # each retrieved chunk cut to this many LLM tokens (0 = no cut)
+    config.eval.batch_size = 16  # prompts per LLM forward
+    config.eval.max_length = 0  # prompt + answer tokens (0 = the LLM's own context)
+    config.eval.instructions = "auto"  # task instructions: when the model folder was trained with them
+    config.eval.embed = ml_collections.ConfigDict(dict(batch_size=64, max_length=96))
+    config.eval.search = ml_collections.ConfigDict(dict(backend="jax", chunk_size=16384, query_batch=256,
+                                                        cache_dir=""))
+
+    if "quick" in variants:
+        config.workdir = "runs/demo_quick"
+        config.data.train.update(max_files=4, max_samples_per_file=2, max_candidates=3)
+        config.data.test.update(max_files=3, max_samples_per_file=2, max_candidates=4)
+        config.train.global_batch_size = 8
+        config.train.group_size = 3
+        config.train.num_steps = 4
+        config.train.log_every = 2
+        config.train.checkpoint_every = 4
+        config.train.datasets[0].settings.teacher_scores_margin = None  # too few samples to filter any
+    if "full" in variants:
+        config.workdir = "runs/demo_full"
+        config.data.chunk_tokens = 64
+        config.data.train.update(max_files=0, max_samples_per_file=8, max_candidates=16)
+        config.data.test.update(max_files=0, max_samples_per_file=4, max_candidates=64)
+        config.score.dtype = "bfloat16"
+        config.score.batch_size = 256
+        config.train.dtype = "bfloat16"
+        config.train.global_batch_size = 64
+        config.train.num_steps = 1000
+        config.train.query_max_len = 160
+        config.train.key_max_len = 160
+        config.train.log_every = 50
+        config.train.checkpoint_every = 500
+        config.eval.batch_size = 256
+        config.eval.embed.update(batch_size=256, max_length=160)
     return config

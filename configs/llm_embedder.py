@@ -135,7 +135,8 @@ def get_config(arg=None):
         config.log_every = 4
         config.eval_every = 12
         config.eval_samples = 8
-        config.checkpoint_every = 8
+        config.checkpoint_every = 12
+        config.keep_checkpoints = 1
         config.workdir = "runs/tiny"
         # The toy folder has one file per task (8 records each): one dataset per task, tool still twice.
         config.datasets = [ml_collections.ConfigDict(dict(
@@ -143,5 +144,5 @@ def get_config(arg=None):
             settings=ml_collections.ConfigDict())) for task in selected for i in range(2 if task == "tool" else 1)]
         # Too few toy records to hold any out: the evaluation re-ranks training records (a fit check).
         config.eval_files = [ml_collections.ConfigDict(dict(name=task, path=f"{task}.json", task=task))
-                             for task in selected if task in ("qa", "chat", "icl")]
+                             for task in selected if task in ("chat", "icl")]
     return config

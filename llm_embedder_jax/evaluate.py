@@ -2,15 +2,16 @@
 
   python main.py --mode=eval --config=configs/eval.py:toy --workdir=runs/eval
 
-One evaluation per task, following the LLM-Embedder protocol:
+One evaluation per task, following the LLM-Embedder protocol (retrieved → measured):
 
-| task | retrieval | measured |
-|---|---|---|
-| qa | top-k passages of a corpus (the records' pos + neg, or `corpora`) | gold answer in the greedy output (SQuAD normalisation), answer perplexity, retrieval metrics |
-| icl | top-k examples among the record's pos + neg | exact match of the output's first line, answer perplexity |
-| lrlm | top-k earlier chunks, each with the chunk after it | perplexity of the next chunk |
-| chat | top-k history turns | perplexity of the response |
-| tool, convsearch | search over a corpus (the records' pos + neg, or `corpora`) | MRR, Recall, NDCG (relevant = pos) |
+- qa: top-k passages searched in a corpus (the records' pos + neg, or `corpora`) →
+  gold answer in the greedy output (SQuAD normalisation), answer perplexity,
+  MRR / Recall / NDCG of the search;
+- icl: top-k examples among the record's pos + neg → exact match of the output's
+  first line, answer perplexity;
+- lrlm: top-k earlier chunks, each with the chunk after it → perplexity of the next chunk;
+- chat: top-k history turns → perplexity of the response;
+- tool, convsearch: a corpus search as for qa → MRR / Recall / NDCG (relevant = pos).
 
 Prompts are the reward prompts of `tasks.REWARD_TEMPLATES` with the retrieved
 texts as the key (joined by newlines; lrlm chunks by nothing, as they are cuts
@@ -20,6 +21,7 @@ is exp(−mean over records of the mean answer-token log-likelihood).
 `rerank_metrics` (from `metrics`) is also the training loop's periodic eval.
 """
 import dataclasses
+import itertools
 import json
 import logging
 import pathlib
@@ -217,27 +219,38 @@ def evaluate_task(examples, retriever, lm, *, k, ks, options, corpus=None):
 # ----------------------------------------------------------------------------- the eval mode
 
 def read_examples(path, config):
-    """{task: [Example]} of one JSONL file, at most `max_records` records."""
+    """({task: [Example]}, number of skipped records) of one JSONL file's first `max_records` records.
+
+    A bad record stops the run, naming file, line and field, unless `skip_bad_records`
+    counts it instead.
+    """
     from llm_embedder_jax.data import records
     reader = records.read_jsonl(path, task=config.task or None, skip_bad=config.skip_bad_records)
-    grouped = {}
-    for number, record in enumerate(reader):
-        if config.max_records and number == config.max_records:
-            break
-        grouped.setdefault(record["task"], []).append(example_from_record(record, icl_holdout=config.icl_holdout))
-    return grouped
+    grouped, unusable = {}, 0
+    for record in itertools.islice(reader, config.max_records or None):
+        try:
+            example = example_from_record(record, icl_holdout=config.icl_holdout)
+        except ValueError as e:
+            if not config.skip_bad_records:
+                raise
+            logging.warning("skipping %s", e)
+            unusable += 1
+            continue
+        grouped.setdefault(record["task"], []).append(example)
+    if not grouped:
+        raise ValueError(f"{path}: no usable records")
+    return grouped, unusable + sum(reader.skipped.values())
 
 
 def read_corpora(specs):
     """{task: corpus texts} from "task=file" entries (.txt: one text a line; .jsonl: field "text")."""
-    from llm_embedder_jax import tasks
     from llm_embedder_jax.export import read_texts
     corpora = {}
     for spec in specs:
         task, sep, path = spec.partition("=")
         if not sep or task not in SEARCH_TASKS:
-            raise ValueError(f"corpora entry {spec!r}: expected '<task>=<file>' with task one of {', '.join(SEARCH_TASKS)}")
-        tasks.check_task(task)
+            raise ValueError(f"corpora entry {spec!r}: expected '<task>=<file>' with task one of "
+                             f"{', '.join(SEARCH_TASKS)}")
         corpora[task] = read_texts(path, field="text")
         if not corpora[task]:
             raise ValueError(f"corpora entry {spec!r}: {path} holds no texts")
@@ -280,6 +293,7 @@ def plot_report(report, path):
         names = [n for n in report["retrievers"] if metric in entry["results"][n]]
         values = [entry["results"][n][metric] for n in names]
         ax.bar(names, values, color=[f"C{report['retrievers'].index(n)}" for n in names])
+        ax.set_ylim(0, 1.15 * max(values, default=0) or 1)
         ax.set_title(f"{key}: {metric} {'↓' if 'perplexity' in metric else '↑'}", fontsize=9)
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
         for x, v in enumerate(values):
@@ -302,7 +316,8 @@ def check_config(config):
         if config.k[task] < 1:
             raise ValueError(f"k.{task} must be >= 1, got {config.k[task]}")
     if config.search.backend not in search.BACKENDS:
-        raise ValueError(f"unknown search backend {config.search.backend!r}: expected one of {', '.join(search.BACKENDS)}")
+        raise ValueError(f"unknown search backend {config.search.backend!r}: "
+                         f"expected one of {', '.join(search.BACKENDS)}")
 
 
 def run_eval(config, workdir, *, lm=None):
@@ -314,11 +329,11 @@ def run_eval(config, workdir, *, lm=None):
     from llm_embedder_jax import score, sharding
     check_config(config)
     workdir = pathlib.Path(workdir)
+    names = [pathlib.Path(p).stem for p in config.files]
+    if len(set(names)) != len(names):
+        raise ValueError(f"file names must differ (results are named after them): {', '.join(config.files)}")
     files = {pathlib.Path(p): read_examples(p, config) for p in config.files}
     corpora = read_corpora(config.corpora)
-    names = [pathlib.Path(p).stem for p in files]
-    if len(set(names)) != len(names):
-        raise ValueError(f"file names must differ (results are named after them): {', '.join(map(str, files))}")
     if not config.search.cache_dir:
         config = config.copy_and_resolve_references()
         config.search.cache_dir = str(workdir / "embedding_cache")
@@ -328,12 +343,12 @@ def run_eval(config, workdir, *, lm=None):
         raise ValueError(f"retriever names must differ: {[r.name for r in retrievers]} (use '<name>=<spec>')")
     options = LMOptions(key_max_tokens=config.key_max_tokens, max_new_tokens=config.max_new_tokens,
                         batch_size=config.batch_size, max_length=config.max_length)
-    if lm is None and any(t in LM_TASKS for grouped in files.values() for t in grouped):
+    if lm is None and any(t in LM_TASKS for grouped, _ in files.values() for t in grouped):
         lm = score.load_reward_lm(config)
 
     report = {"ks": list(check_ks(config.ks)), "k": config.k.to_dict(), "retrievers": [r.name for r in retrievers],
               "evaluations": {}}
-    for path, grouped in files.items():
+    for path, (grouped, skipped) in files.items():
         for task, examples in grouped.items():
             key = path.stem if len(grouped) == 1 else f"{path.stem}:{task}"
             results = {}
@@ -344,8 +359,9 @@ def run_eval(config, workdir, *, lm=None):
                 logging.info("evaluating %s on %s (%d records)", retriever.name, key, len(examples))
                 results[retriever.name] = evaluate_task(examples, retriever, lm, k=config.k.get(task, 1),
                                                         ks=report["ks"], options=options, corpus=corpora.get(task))
-            report["evaluations"][key] = {"path": str(path), "task": task, "records": len(examples),
-                                          "headline": headline_metrics(task, report["ks"]), "results": results}
+            report["evaluations"][key] = {
+                "path": str(path), "task": task, "records": len(examples), "skipped_records": skipped,
+                "headline": headline_metrics(task, report["ks"]), "results": results}
     table = format_table(report)
     print(table)
     plot_report(report, workdir / "eval.png")

@@ -261,19 +261,62 @@ def answer_logprob(params, ids, lengths, answer_lengths, *, config, answer_width
     return logprobs.sum(-1) / jnp.maximum(answer_lengths, 1)
 
 
+def shared_prompt_answer_logprob(params, prompt_ids, prompt_lengths, answer_ids, answer_lengths, answer_prompt,
+                                 *, config, attention_impl="xla"):
+    """`answer_logprob` for many answers per prompt, running each prompt once: float32 [R].
+
+    prompt_ids [G, S] right-padded prompts; answer_ids [R, W] right-padded
+    answers, row r continuing prompt `answer_prompt[r]`. The prompts' keys and
+    values are reused by all their answers, which then cost only their own
+    tokens (the rank-aware reward scores N + 1 answers under every prompt).
+    """
+    hidden, (prompt_keys, prompt_values) = hidden_states(
+        params, prompt_ids, prompt_lengths, config=config, attention_impl=attention_impl, return_kv=True)
+    last = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+    rows, width = answer_ids.shape
+    starts = prompt_lengths[answer_prompt]
+    positions = starts[:, None] + jnp.arange(width)
+    sees_prompt = jnp.arange(prompt_ids.shape[1])[None, None, :] < starts[:, None, None]
+    sees_answer = jnp.tril(jnp.ones((width, width), bool))[None]
+    mask = jnp.concatenate([jnp.broadcast_to(sees_prompt, (rows, width, prompt_ids.shape[1])),
+                            jnp.broadcast_to(sees_answer, (rows, width, width))], axis=-1)[:, None]
+
+    def layer_step(x, layer_and_prompt_kv):
+        layer, keys, values = layer_and_prompt_kv
+        h = _rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
+        q, k, v = _project_qkv(layer, h, positions, config)
+        k = jnp.concatenate([keys[answer_prompt], k], axis=1)
+        v = jnp.concatenate([values[answer_prompt], v], axis=1)
+        attended = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        x = x + attended.reshape(rows, width, -1) @ layer["o"]
+        return x + _mlp(layer, x, config), None
+
+    x, _ = lax.scan(layer_step, params["embed"][answer_ids], (params["layers"], prompt_keys, prompt_values))
+    h = _rms_norm(x, params["final_norm"], config.rms_norm_eps)
+    # The prompt's last position predicts the first answer token; answer position t predicts t + 1.
+    predicting = jnp.concatenate([last[answer_prompt][:, None], h[:, :-1]], axis=1)
+    valid = jnp.arange(width)[None, :] < answer_lengths[:, None]
+    logprobs = jnp.where(valid, _target_logprobs(params, predicting, answer_ids, config), 0.0)
+    return logprobs.sum(-1) / jnp.maximum(answer_lengths, 1)
+
+
 # ----------------------------------------------------------------------------- decoding
 
 def _cached_attention(q, cache_k, cache_v, positions, config):
-    """One query token per row against its cache; q [R, H, hd], cache [R, T, K, hd]."""
-    rows, slots = cache_k.shape[:2]
+    """One query token per row against its cache; q [R, H, hd], cache [R, K, T, hd].
+
+    Rows and KV heads lead the cache so that both einsums are plain batched
+    matrix products over them, with no transposed copy of the cache per step.
+    """
+    rows, slots = cache_k.shape[0], cache_k.shape[2]
     groups = config.num_heads // config.num_kv_heads
     q = q.reshape(rows, config.num_kv_heads, groups, config.head_dim)
-    scores = jnp.einsum("rkgd,rtkd->rkgt", q, cache_k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("rkgd,rktd->rkgt", q, cache_k, preferred_element_type=jnp.float32)
     scores = scores / np.sqrt(config.head_dim)
     visible = jnp.arange(slots)[None, :] <= positions[:, None]
     scores = jnp.where(visible[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(cache_v.dtype)
-    return jnp.einsum("rkgt,rtkd->rkgd", weights, cache_v).reshape(rows, 1, -1)
+    return jnp.einsum("rkgt,rktd->rkgd", weights, cache_v).reshape(rows, 1, -1)
 
 
 def _decode_step(params, tokens, positions, cache, *, config):
@@ -286,8 +329,8 @@ def _decode_step(params, tokens, positions, cache, *, config):
         h = _rms_norm(x, layer["attn_norm"], config.rms_norm_eps)
         q, k, v = _project_qkv(layer, h, positions[:, None], config)
         # Only the new token's slot is written: the cache stays in place inside the loop.
-        cache_k = cache_k.at[index, rows, positions].set(k[:, 0])
-        cache_v = cache_v.at[index, rows, positions].set(v[:, 0])
+        cache_k = cache_k.at[index, rows, :, positions].set(k[:, 0])
+        cache_v = cache_v.at[index, rows, :, positions].set(v[:, 0])
         x = x + _cached_attention(q[:, 0], cache_k[index], cache_v[index], positions, config) @ layer["o"]
         x = x + _mlp(layer, x, config)
         return (x, (cache_k, cache_v)), None
@@ -340,8 +383,9 @@ def generate(params, ids, lengths, prompt_index, seed, *, config, num_samples, m
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
     logits = jnp.repeat(_logits(params, last, config), num_samples, axis=0)
     positions = jnp.repeat(lengths.astype(jnp.int32), num_samples)  # where the first new token goes
-    grow = ((0, 0), (0, 0), (0, max_new_tokens), (0, 0), (0, 0))
-    cache = tuple(jnp.pad(jnp.repeat(c, num_samples, axis=1), grow) for c in (keys, values))
+    grow = ((0, 0), (0, 0), (0, 0), (0, max_new_tokens), (0, 0))
+    cache = tuple(jnp.pad(jnp.repeat(c, num_samples, axis=1).swapaxes(2, 3), grow)  # [L, R, K, T, hd]
+                  for c in (keys, values))
     row_keys = _row_keys(seed, prompt_index, num_samples)
     choose = functools.partial(_choose, temperature=temperature, top_p=top_p)
     fill = eos_ids[0] if eos_ids else 0
@@ -381,8 +425,8 @@ PARTITION_RULES = (
 
 
 def _fit(spec, shape, mesh):
-    # A dimension the axis does not divide stays replicated (e.g. 3 KV heads over 2 devices
-    # still divides, 49,153 vocabulary rows would not); the result is the same, only slower.
+    # A dimension the axis does not divide stays replicated (e.g. a vocabulary of 49,153 rows
+    # over 2 devices): the results are the same, only the memory saving is lost.
     return P(*(axis if axis is None or shape[i] % mesh.shape[axis] == 0 else None for i, axis in enumerate(spec)))
 
 
@@ -559,6 +603,8 @@ class RewardLM:
         self._score = jax.jit(
             functools.partial(answer_logprob, config=config, attention_impl=impl),
             static_argnames=("answer_width",), out_shardings=out)
+        self._score_shared = jax.jit(
+            functools.partial(shared_prompt_answer_logprob, config=config, attention_impl=impl), out_shardings=out)
         self._generate = jax.jit(
             functools.partial(generate, config=config, attention_impl=impl),
             static_argnames=("num_samples", "max_new_tokens", "temperature", "top_p", "eos_ids"),
@@ -591,6 +637,8 @@ class RewardLM:
         removed), the answer without any, and the two are concatenated. When the
         pair is longer than `max_length` (default: the model's context), the
         prompt is truncated from the left; the answer is always scored whole.
+        Pairs that share a prompt run it once and score their answers from its
+        KV cache (same results, a fraction of the compute).
         """
         prompts, answers = _check_texts(prompts, "prompts"), _check_texts(answers, "answers")
         if len(prompts) != len(answers):
@@ -598,7 +646,7 @@ class RewardLM:
         max_length = max_length or self.config.max_position_embeddings
         prompt_ids = self._prompt_ids(prompts)
         answer_ids = self.tokenizer(answers, add_special_tokens=False)["input_ids"]
-        sequences, answer_lengths = [], np.zeros(len(prompts), np.int32)
+        kept_prompts = []
         for i, (prompt, answer) in enumerate(zip(prompt_ids, answer_ids)):
             if not answer:
                 raise ValueError(f"answers[{i}] is empty (no tokens): nothing to score")
@@ -607,20 +655,53 @@ class RewardLM:
             prompt = prompt[max(0, len(prompt) + len(answer) - max_length):]
             if not prompt:
                 raise ValueError(f"prompts[{i}] is empty (no tokens): the first answer token needs a context")
-            sequences.append(prompt + answer)
-            answer_lengths[i] = len(answer)
-        rows = _round_up(max(1, min(batch_size, len(sequences))), self._data_size)
-        batches = buckets.length_sorted_batches([len(s) for s in sequences], rows)
+            kept_prompts.append(tuple(prompt))
+        by_prompt = {}
+        for i, prompt in enumerate(kept_prompts):
+            by_prompt.setdefault(prompt, []).append(i)
+        rows = _round_up(max(1, min(batch_size, len(prompts))), self._data_size)
         scores = np.zeros(len(prompts), np.float32)
-        for batch in _progress(batches, len(batches), "loglik"):
-            ids, mask = buckets.pad_batch([sequences[i] for i in batch], max_length=max_length, rows=rows)
-            lengths = np.maximum(mask.sum(1), 1).astype(np.int32)  # empty padding rows: never a fully masked row
-            answers_here = np.zeros(rows, np.int32)
-            answers_here[:len(batch)] = answer_lengths[batch]
-            width = buckets.bucket_length(int(answers_here.max()), max_length=max_length)
-            result = self._score(self.params, *self._put(ids, lengths, answers_here), answer_width=width)
-            scores[batch] = np.asarray(result)[:len(batch)]  # also waits: no pile-up of collectives
+        alone = [group[0] for group in by_prompt.values() if len(group) == 1]
+        self._score_alone(alone, kept_prompts, answer_ids, scores, rows=rows, max_length=max_length)
+        shared = [group for group in by_prompt.values() if len(group) > 1]
+        self._score_shared_prompts(shared, kept_prompts, answer_ids, scores, rows=rows, max_length=max_length)
         return scores
+
+    def _score_alone(self, indices, prompts, answers, scores, *, rows, max_length):
+        """Pairs whose prompt is not repeated: one right-padded sequence each."""
+        sequences = [list(prompts[i]) + answers[i] for i in indices]
+        batches = buckets.length_sorted_batches([len(s) for s in sequences], rows)
+        for batch in _progress(batches, len(batches), "loglik"):
+            ids, mask = buckets.pad_batch([sequences[b] for b in batch], max_length=max_length, rows=rows)
+            lengths = np.maximum(mask.sum(1), 1).astype(np.int32)  # empty padding rows: never a fully masked row
+            answer_lengths = np.zeros(rows, np.int32)
+            answer_lengths[:len(batch)] = [len(answers[indices[b]]) for b in batch]
+            width = buckets.bucket_length(int(answer_lengths.max()), max_length=max_length)
+            result = self._score(self.params, *self._put(ids, lengths, answer_lengths), answer_width=width)
+            scores[[indices[b] for b in batch]] = np.asarray(result)[:len(batch)]  # waits: no pile-up of collectives
+
+    def _score_shared_prompts(self, groups, prompts, answers, scores, *, rows, max_length):
+        """Groups of pairs with one prompt: the prompt runs once, its answers continue from its cache."""
+        units = [group[k:k + rows] for group in groups for k in range(0, len(group), rows)]
+        units.sort(key=lambda unit: -len(prompts[unit[0]]))
+        batches = []
+        for unit in units:  # pack whole units, at most `rows` answers per batch
+            if not batches or sum(map(len, batches[-1])) + len(unit) > rows:
+                batches.append([])
+            batches[-1].append(unit)
+        for batch in _progress(batches, len(batches), "loglik (shared prompts)"):
+            # Prompt rows: a power of two, so that few shapes compile.
+            prompt_rows = _round_up(1 << (len(batch) - 1).bit_length(), self._data_size)
+            prompt_ids, prompt_mask = buckets.pad_batch([list(prompts[unit[0]]) for unit in batch],
+                                                        max_length=max_length, rows=prompt_rows)
+            members = [i for unit in batch for i in unit]
+            answer_ids, answer_mask = buckets.pad_batch([answers[i] for i in members], max_length=max_length, rows=rows)
+            answer_prompt = np.zeros(rows, np.int32)
+            answer_prompt[:len(members)] = [g for g, unit in enumerate(batch) for _ in unit]
+            result = self._score_shared(
+                self.params, *self._put(prompt_ids, np.maximum(prompt_mask.sum(1), 1).astype(np.int32)),
+                *self._put(answer_ids, answer_mask.sum(1).astype(np.int32), answer_prompt))
+            scores[members] = np.asarray(result)[:len(members)]
 
     def sample_tokens(self, prompts, *, n=10, max_new_tokens=32, temperature=1.0, top_p=1.0, seed=0,
                       batch_size=64, max_length=None):

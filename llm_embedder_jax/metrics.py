@@ -25,7 +25,8 @@ def _ranking_metrics(ranked_grades, relevant_grades, ks):
         top = ranked[:k]
         metrics[f"mrr@{k}"] = 1.0 / (hits[0] + 1) if hits.size and hits[0] < k else 0.0
         metrics[f"recall@{k}"] = float((top > 0).sum() / len(ideal))
-        metrics[f"ndcg@{k}"] = float((top * discount[:len(top)]).sum() / (ideal[:k] * discount[:min(k, len(ideal))]).sum())
+        ideal_dcg = (ideal[:k] * discount[:min(k, len(ideal))]).sum()
+        metrics[f"ndcg@{k}"] = float((top * discount[:len(top)]).sum() / ideal_dcg)
     return metrics
 
 

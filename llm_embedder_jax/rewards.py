@@ -58,16 +58,18 @@ def reward_prompt(task, *, query, key=None, continuation="", context=""):
 
 
 def truncate_to_tokens(texts, tokenizer, *, max_tokens):
-    """Each text cut after its first `max_tokens` tokens, as an exact prefix of the original.
+    """Each text cut to at most `max_tokens` tokens, as an exact prefix of the original.
 
-    Cutting at the character offsets (not by decoding token ids) keeps the text
-    byte-identical to the original where it is not cut. `max_tokens` 0 keeps all.
+    Cutting at character offsets (not decoding token ids) keeps the kept text
+    byte-identical. The cut goes before the first dropped token, and before the
+    end of the last kept one when they share a character (byte-level tokens split
+    characters), so the prefix never re-tokenises to more. 0 keeps all.
     """
     texts = list(texts)
     if not max_tokens or not texts:
         return texts
     offsets = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    return [text if len(spans) <= max_tokens else text[:spans[max_tokens - 1][1]]
+    return [text if len(spans) <= max_tokens else text[:min(spans[max_tokens - 1][1], spans[max_tokens][0])]
             for text, spans in zip(texts, offsets)]
 
 

@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 from absl import logging
+from tqdm import tqdm
 
 from llm_embedder_jax import rewards
 from llm_embedder_jax.atomic import atomic_file
@@ -109,13 +110,8 @@ def parse_record(raw, *, path, line, ordinal, config):
         raise bad("/".join(fields), "no candidates to score")
     for field in fields:
         for aligned in ALIGNED_FIELDS[field]:
-            if aligned in record and (not isinstance(record[aligned], list) or len(record[aligned]) != len(lists[field])):
-                raise bad(aligned, f"does not line up with {field!r}: {_length(record[aligned])} entries "
-                                   f"for {len(lists[field])}")
-    if "teacher_scores" in record and (not isinstance(record["teacher_scores"], list)
-                                       or len(record["teacher_scores"]) != len(candidates)):
-        raise bad("teacher_scores", f"does not line up with {' + '.join(fields)}: "
-                                    f"{_length(record['teacher_scores'])} entries for {len(candidates)}")
+            _check_lines_up(record, aligned, f"{field!r}", len(lists[field]), bad)
+    _check_lines_up(record, "teacher_scores", " + ".join(fields), len(candidates), bad)
 
     kept = min(len(candidates), config.max_candidates or len(candidates))
     output = dict(record)
@@ -136,8 +132,11 @@ def parse_record(raw, *, path, line, ordinal, config):
     return example, output
 
 
-def _length(value):
-    return len(value) if isinstance(value, list) else f"not a list ({type(value).__name__})"
+def _check_lines_up(record, field, against, length, bad):
+    value = record.get(field)
+    if field in record and (not isinstance(value, list) or len(value) != length):
+        found = len(value) if isinstance(value, list) else f"not a list ({type(value).__name__}), so no"
+        raise bad(field, f"does not line up with {against}: {found} entries for {length}")
 
 
 def scan_file(path, config):
@@ -211,7 +210,6 @@ def score_shards(lm, path, *, config, shard_dir, num_records, process_index, pro
         stale.unlink()
     if done:
         logging.info("%s: resuming, %d of %d shards already scored", path, len(done), -(-num_records // size))
-    from tqdm import tqdm
     with tqdm(total=mine, initial=resumed, unit="record", desc=pathlib.Path(path).name) as bar:
         for shard, group in itertools.groupby(record_lines(path), key=lambda r: r[0] // size):
             target = shard_dir / shard_name(shard, process_index, process_count)

@@ -69,15 +69,26 @@ def _search_fn(mesh, k, chunk):
 
 
 def _global_array(host_array, sharding_):
-    # Each process reads only its own slice (cheap on a memory-mapped cache file).
     return jax.make_array_from_callback(host_array.shape, sharding_, lambda index: host_array[index])
 
 
+def _padded_rows(embeddings, padded_size):
+    """The rows [start, stop) of `embeddings` zero-padded to `padded_size` rows, read on demand.
+
+    Each process reads only the rows of its own devices: cheap on a memory-mapped cache file.
+    """
+    def read(index):
+        start, stop, _ = index[0].indices(padded_size)
+        block = np.asarray(embeddings[start:min(stop, len(embeddings))], np.float32)
+        padding = np.zeros((stop - start - len(block), embeddings.shape[1]), np.float32)
+        return np.concatenate([block, padding])[:, index[1]]
+    return read
+
+
 class ShardedCorpus:
-    """Key embeddings [n, d] placed on the mesh, padded to whole chunks on every device."""
+    """Key embeddings [n, d] (float32) on the mesh, split over `data`, padded to whole chunks per device."""
 
     def __init__(self, embeddings, *, mesh=None, chunk_size=16384):
-        embeddings = np.asarray(embeddings) if not isinstance(embeddings, np.ndarray) else embeddings
         if embeddings.ndim != 2 or not embeddings.shape[0]:
             raise ValueError(f"corpus embeddings must be a non-empty [n, dim] array, got shape {embeddings.shape}")
         if chunk_size < 1:
@@ -87,15 +98,13 @@ class ShardedCorpus:
         devices = self.mesh.shape["data"]
         per_device = -(-self.size // devices)
         self.chunk = min(chunk_size, per_device)
-        padded_rows = devices * -(-per_device // self.chunk) * self.chunk
-        if padded_rows > self.size:
-            embeddings = np.concatenate(
-                [embeddings, np.zeros((padded_rows - self.size, self.dim), embeddings.dtype)])
-        self.rows = _global_array(embeddings, NamedSharding(self.mesh, P("data")))
+        padded_size = devices * -(-per_device // self.chunk) * self.chunk
+        self.rows = jax.make_array_from_callback((padded_size, self.dim), NamedSharding(self.mesh, P("data")),
+                                                 _padded_rows(embeddings, padded_size))
 
     def search(self, queries, *, k, query_batch=256):
         """(scores float32 [q, k], ids int32 [q, k]), best first, for query embeddings [q, d]."""
-        queries = np.asarray(queries, self.rows.dtype)
+        queries = np.asarray(queries, np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be [q, {self.dim}] to match the corpus, got shape {queries.shape}")
         if not 1 <= k <= self.size:
@@ -135,7 +144,8 @@ def search_embeddings(queries, corpus, *, k, backend="jax", mesh=None, chunk_siz
         return faiss_search(queries, corpus, k=k)
     if backend != "jax":
         raise ValueError(f"unknown search backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-    return ShardedCorpus(corpus, mesh=mesh, chunk_size=chunk_size).search(queries, k=k, query_batch=query_batch)
+    return ShardedCorpus(np.asarray(corpus), mesh=mesh, chunk_size=chunk_size).search(
+        queries, k=k, query_batch=query_batch)
 
 
 def texts_digest(texts):

@@ -300,6 +300,20 @@ def test_bad_input_is_named(toy_dir, tmp_path):
     bad.write_text(lines[0] + "\n" + json.dumps(broken) + "\n")
     with pytest.raises(ValueError, match=r"qa\.jsonl:2: field 'query': expected a non-empty string"):
         evaluate.run_eval(_config(toy_dir, tmp_path, files=(str(bad),)), tmp_path)
+    # Counted, when the config allows skipping: tool records need positives.
+    tool = tmp_path / "tool.jsonl"
+    lines = (toy_dir / "tool.json").read_text().splitlines()[:3]
+    no_pos = dict(json.loads(lines[2]), pos=[])
+    tool.write_text("\n".join([lines[0], "{not json", lines[1], json.dumps(no_pos)]) + "\n")
+    with pytest.raises(ValueError, match=r"tool\.jsonl:2: malformed JSON"):
+        evaluate.run_eval(_config(toy_dir, tmp_path, files=(str(tool),), retrievers=("bm25",), max_records=0), tmp_path)
+    (tmp_path / "no_pos.jsonl").write_text(lines[0] + "\n" + json.dumps(no_pos) + "\n")
+    with pytest.raises(ValueError, match=r"no_pos\.jsonl:2: field 'pos': task tool is judged against the positives"):
+        evaluate.run_eval(_config(toy_dir, tmp_path, files=(str(tmp_path / "no_pos.jsonl"),)), tmp_path)
+    report = evaluate.run_eval(_config(toy_dir, tmp_path, files=(str(tool),), retrievers=("bm25",), max_records=0,
+                                       skip_bad_records=True), tmp_path)
+    assert report["evaluations"]["tool"]["records"] == 2 and report["evaluations"]["tool"]["skipped_records"] == 2
+    (tmp_path / "eval.json").unlink()
     # A corpus that lacks a record's positive.
     examples = _examples(toy_dir, "tool", 2)
     corpus = [t for ex in examples for t in ex.candidates if t != examples[1].candidates[0]]

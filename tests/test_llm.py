@@ -28,9 +28,11 @@ def torch_smollm(smollm2_gguf):
 @pytest.fixture(scope="module")
 def pairs(real_texts):
     """Varied (prompt, answer) pairs: real docstrings, templates of the method, non-ASCII, long."""
+    rag = "Knowledge: Paris is the capital of France.\n\nQuestion: What is the capital of France?\n\nAnswer:"
     pairs = [
-        ("Knowledge: Paris is the capital of France.\n\nQuestion: What is the capital of France?\n\nAnswer:",
-         " Paris"),
+        # One prompt, five answers: scored from one prompt cache, split over two batches of four.
+        (rag, " Paris"), (rag, " London, surely."), (rag, " The capital of France is Paris."), (rag, " Lyon"),
+        (rag, " I do not know."),
         ("Speaker 1: Wie geht es dir heute?\nSpeaker 2:", " Sehr gut, danke! Und dir?"),
         ("東京は日本の首都です。質問：日本の首都は？\n答え：", "東京"),
         ("Ünïcödé naïve café — résumé:", " déjà vu 🎉"),
@@ -58,7 +60,7 @@ def torch_loglik(model, tokenizer, prompt_ids, answer):
 
 def test_loglik_matches_transformers(smollm, torch_smollm, pairs):
     prompts, answers = zip(*pairs)
-    ours = smollm.loglik(list(prompts), list(answers), batch_size=8)
+    ours = smollm.loglik(list(prompts), list(answers), batch_size=4)
     assert ours.dtype == np.float32 and ours.shape == (len(pairs),)
     reference = np.array([torch_loglik(torch_smollm, smollm.tokenizer, smollm.tokenizer(p)["input_ids"], a)
                           for p, a in pairs])
@@ -109,13 +111,12 @@ def test_top_p_keeps_the_smallest_sufficient_set():
     np.testing.assert_array_equal(kept, [[True, False, False, False]])
 
 
-@pytest.mark.parametrize("model_parallel", [2, 1])
-def test_sharded_matches_single_device(smollm, pairs, model_parallel):
-    mesh = sharding.make_mesh(model_parallel=model_parallel)
+def test_sharded_matches_single_device(smollm, pairs):
+    mesh = sharding.make_mesh(model_parallel=2)  # data=4, model=2
     sharded = RewardLM(params=smollm.params, config=smollm.config, tokenizer=smollm.tokenizer, mesh=mesh,
                        eos_ids=smollm.eos_ids)
     assert sharded.params["layers"]["q"].sharding.spec == jax.sharding.PartitionSpec(None, None, "model")
-    prompts, answers = map(list, zip(*pairs[:8]))
+    prompts, answers = map(list, zip(*pairs[3:11]))  # two share a prompt
     np.testing.assert_allclose(sharded.loglik(prompts, answers, batch_size=8),
                                smollm.loglik(prompts, answers, batch_size=8), atol=1e-4)
     greedy = dict(n=1, max_new_tokens=8, temperature=0)

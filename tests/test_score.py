@@ -1,6 +1,5 @@
 """The score job with the real SmolLM2: alignment, devices, kill-and-resume, bad input."""
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -106,6 +105,18 @@ def test_scores_align_with_candidates(lm, scored):
     direct = lm.loglik(direct_prompts, direct_answers, batch_size=config.batch_size)
     np.testing.assert_allclose(direct, expected, atol=2e-5)
     assert len(set(expected)) == len(expected)
+
+
+def test_key_truncation_with_the_llm_tokenizer(lm, toy_dir):
+    """Byte-level tokens split characters: cuts stay exact prefixes of at most k tokens."""
+    texts = [json.loads(line)["pos"][0] for line in (toy_dir / "convsearch.json").read_text().splitlines()]
+    texts.append("Ünïcödé 日本語のテキスト 🙂🙂 emoji " * 8)
+    count = lambda text: len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+    for k in (1, 5, 9, 14, 43, 512):
+        for text, cut in zip(texts, rewards.truncate_to_tokens(texts, lm.tokenizer, max_tokens=k)):
+            assert text.startswith(cut)
+            assert min(k, count(text)) - 2 <= count(cut) <= k
+    assert [count(c) for c in rewards.truncate_to_tokens(texts[:-1], lm.tokenizer, max_tokens=48)] == [48] * 8
 
 
 def test_one_device_gives_the_scores_of_eight(lm, scored, tmp_path):
@@ -216,9 +227,11 @@ def test_bad_records_name_file_line_and_field(toy_dir, tmp_path):
     fails(json.dumps(chat).encode() + b"\n" + b'{"query": "caf\xe9"}\n', r"bad\.json, line 2: not UTF-8")
     fails(toy_dir / "icl.json", r"icl\.json, line 1, field 'answers'")
     fails(toy_dir / "tool.json", r"tool\.json, line 1, field 'task'.*no answer")
-    fails(json.dumps({**qa, "neg_index": qa["neg_index"][:-1]}) + "\n", r"line 1, field 'neg_index'.*99 entries for 100")
+    fails(json.dumps({**qa, "neg_index": qa["neg_index"][:-1]}) + "\n",
+          r"line 1, field 'neg_index'.*'neg': 99 entries for 100")
     fails(json.dumps(chat) + "\n" + json.dumps({**chat, "teacher_scores": [0.0]}) + "\n",
-          r"line 2, field 'teacher_scores'.*1 entries for 7")
+          r"line 2, field 'teacher_scores'.*history: 1 entries for 7")
+    fails(json.dumps({**qa, "pos_scores": 3.0}) + "\n", r"line 1, field 'pos_scores'.*not a list")
     fails(json.dumps({**chat, "history": "one string"}) + "\n", r"line 1, field 'history'.*list of strings")
     fails(json.dumps({k: v for k, v in chat.items() if k != "task"}) + "\n", r"line 1, field 'task'")
 

@@ -185,3 +185,32 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, tiny_cls_checkpoint, docstrin
     assert "SIGTERM: saving step" in tail
     steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
     assert steps and max(steps) >= 2
+
+
+def test_tiny_config_trains_on_toy_files(tmp_path, toy_dir):
+    config = llm_embedder.get_config("tiny")
+    config.data_dir = str(toy_dir)
+    export_dir = train.train_and_evaluate(config, tmp_path / "tiny")
+    report = json.loads((tmp_path / "tiny" / "train_report.json").read_text())
+    assert report["steps"] == config.num_steps and report["nonfinite_steps"] == 0
+    by_task = {}
+    for entry in report["losses"]:
+        by_task.setdefault(entry["task"], []).append(entry["loss"])
+    assert set(by_task) == set(llm_embedder.RECIPE)        # all six tasks were trained
+    for task, values in by_task.items():
+        assert values[-1] < values[0], (task, values)       # each task's loss fell
+    assert list((tmp_path / "tiny" / "tensorboard").glob("events.out.tfevents.*"))
+    assert set(report["eval_mrr@10"]) == {"chat", "icl"}
+    vectors = Embedder.from_pretrained(export_dir).encode(["a question"], kind="query", task="qa")
+    assert vectors.shape == (1, 384) and np.isfinite(vectors).all()
+
+
+def test_bad_training_data_names_file_and_line(tmp_path, tiny_cls_checkpoint, docstring_jsonl):
+    lines = docstring_jsonl.read_text().splitlines()
+    bad = tmp_path / "qa.jsonl"
+    bad.write_text("\n".join(lines[:5] + ['{"query": "q", "pos": ["p"], "neg": '] + lines[5:]) + "\n")
+    with pytest.raises(ValueError, match=r"qa.jsonl:6"):
+        train.train_and_evaluate(small_config(tiny_cls_checkpoint, bad), tmp_path / "run")
+    config = small_config(tiny_cls_checkpoint, bad, skip_bad_records=True, num_steps=1)
+    config.eval_files = []
+    assert train.train_and_evaluate(config, tmp_path / "skipping") is not None
