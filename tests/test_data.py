@@ -62,9 +62,17 @@ def test_record_fields_are_normalised(tmp_path):
     got = list(records.read_jsonl(path))
     assert [r["source"] for r in got] == [f"{path}:1", f"{path}:4", f"{path}:5"]
     assert got[0] == {"task": "qa", "query": QA["query"], "pos": QA["pos"], "neg": QA["neg"], "history": None,
-                      "teacher_scores": QA["teacher_scores"], "answers": ["a pot"], "source": f"{path}:1"}
+                      "teacher_scores": QA["teacher_scores"], "answers": ["a pot"], "context": None,
+                      "source": f"{path}:1"}
     assert got[1]["history"] == CHAT["history"] and got[1]["neg"] is None
     assert got[2]["teacher_scores"] is None and got[2]["answers"] is None
+
+
+def test_lrlm_context_is_kept_and_checked(tmp_path):
+    record = {"task": "lrlm", "query": "chunk", "pos": [], "neg": ["earlier"], "context": "between"}
+    assert next(iter(records.read_jsonl(write_jsonl(tmp_path / "ok.jsonl", [record]))))["context"] == "between"
+    with pytest.raises(records.DataError, match=r"bad.jsonl:1: field 'context': expected a string"):
+        list(records.read_jsonl(write_jsonl(tmp_path / "bad.jsonl", [dict(record, context=3)])))
 
 
 def test_task_comes_from_the_caller_when_records_have_none(tmp_path):

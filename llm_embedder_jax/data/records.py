@@ -10,6 +10,7 @@ One JSON object per line. Fields this codebase reads:
                     (history for chat); higher is better
     answers         list of str; required only when the caller asks (the reward
                     LLM needs them, training does not)
+    context         optional str (lrlm): text between the candidates and the query chunk
 
 Other fields (query_id, pos_index, ...) are ignored. Every record comes back as
 a plain dict with exactly the keys of `FIELDS` plus `source` ("file:line"), the
@@ -26,7 +27,7 @@ import os
 
 from llm_embedder_jax import tasks
 
-FIELDS = ("task", "query", "pos", "neg", "history", "teacher_scores", "answers")
+FIELDS = ("task", "query", "pos", "neg", "history", "teacher_scores", "answers", "context")
 
 # DataError.reason values: the keys of the skip counts.
 NOT_UTF8 = "not UTF-8"
@@ -142,6 +143,11 @@ def validate_record(obj, *, where, task=None, require_answers=False):
                         reason=NO_CANDIDATES)
     record["teacher_scores"] = _teacher_scores(obj, where, num_candidates, aligned_with)
     record["answers"] = _string_list(obj, "answers", where, required=require_answers)
+    context = obj.get("context")
+    if context is not None and not isinstance(context, str):
+        raise DataError(f"expected a string, got {type(context).__name__}", where=where, field="context",
+                        reason=WRONG_TYPE)
+    record["context"] = context
     return record
 
 

@@ -23,7 +23,7 @@ import tensorflow_datasets as tfds
 from llm_embedder_jax.data import records as records_lib
 
 # Stored as JSON text: the nested or optional fields.
-JSON_FIELDS = ("pos", "neg", "history", "teacher_scores", "answers")
+JSON_FIELDS = ("pos", "neg", "history", "teacher_scores", "answers", "context")
 TEXT_FIELDS = ("task", "query", "source")
 
 
