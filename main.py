@@ -4,11 +4,15 @@
   python main.py --mode=embed --config=configs/embed.py --config.input=texts.txt
   python main.py --mode=score --config=configs/score.py:toy --workdir=runs/score
   python main.py --mode=train --config=configs/llm_embedder.py:tiny --workdir=runs/tiny
+  python main.py --mode=train ... --coordinator_address=10.0.0.2:8476 --num_processes=4 --process_id=0
+                                                            # one of 4 processes (docs/scaling.md)
 """
 import importlib
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from llm_embedder_jax import distributed
 
 # Each mode is "module:function"; the function takes (config, workdir).
 MODES = {
@@ -23,6 +27,12 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("mode", None, list(MODES), "What to run; defaults to the config's own `mode`.")
 flags.DEFINE_string("workdir", None, "Output folder (local or remote path); defaults to the config's.")
 config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file, variant after a colon.")
+flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                 "Multi-process JAX: 'auto' initialises when a coordinator is given or under srun/mpirun with "
+                 "several tasks; 'on' always (Cloud TPU pods: jax finds the workers); 'off' never.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (else $JAX_COORDINATOR_ADDRESS).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (else $JAX_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", None, "This process's index (else $JAX_PROCESS_ID).")
 
 
 def main(argv):
@@ -35,6 +45,8 @@ def main(argv):
     workdir = FLAGS.workdir or config.get("workdir")
     if not workdir:
         raise app.UsageError("no workdir: pass --workdir or set config.workdir")
+    distributed.initialize(mode=FLAGS.distributed, coordinator_address=FLAGS.coordinator_address,
+                           num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
     module, function = MODES[mode].split(":")
     getattr(importlib.import_module(module), function)(config, workdir)
 

@@ -83,7 +83,9 @@ def get_config(arg=None):
     config.eval.key_max_tokens = 256  # each retrieved chunk cut to this many LLM tokens (0 = no cut)
     config.eval.batch_size = 16  # prompts per LLM forward
     config.eval.max_length = 0  # prompt + answer tokens (0 = the LLM's own context)
-    config.eval.instructions = "auto"  # task instructions: when the model folder was trained with them
+    # Task instructions on queries and keys: "always" gives the encoder before and after training
+    # the same inputs (a like-for-like row); "auto" only to folders exported by this project.
+    config.eval.instructions = "always"
     config.eval.embed = ml_collections.ConfigDict(dict(batch_size=64, max_length=96))
     config.eval.search = ml_collections.ConfigDict(dict(backend="jax", chunk_size=16384, query_batch=256,
                                                         cache_dir=""))

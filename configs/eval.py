@@ -12,11 +12,10 @@ Variants: the default (also `:toy`) evaluates all six toy files under
 ../shared/data/llm_embedder_toy with the bundled all-MiniLM-L6-v2 against BM25,
 no retrieval and recency, the reward LLM being the bundled SmolLM2-135M-Instruct.
 """
-import pathlib
-
 import ml_collections
 
-TOY_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "llm_embedder_toy"
+from configs.common import TOY_DIR
+
 
 
 def get_config(arg=None):

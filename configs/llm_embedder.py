@@ -15,9 +15,8 @@ folder and `config.data_dir` at the released training data
 """
 import ml_collections
 
+from configs.common import TOY_DIR
 from llm_embedder_jax import tasks
-
-TOY_DIR = "../shared/data/llm_embedder_toy"
 
 
 def loss_settings(loss, **overrides):
@@ -123,7 +122,7 @@ def get_config(arg=None):
 
     if tiny:
         config.model = ""
-        config.data_dir = TOY_DIR
+        config.data_dir = str(TOY_DIR)
         config.dtype = "float32"
         config.remat = "none"
         config.global_batch_size = 8

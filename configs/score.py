@@ -12,11 +12,9 @@ SmolLM2-135M-Instruct; `:rank` uses the rank-aware reward instead. The toy icl a
 tool files carry no `answers`, so they cannot be scored as they are: the job names
 their first line and the missing field (or, with skip_bad_records=True, counts them).
 """
-import pathlib
-
 import ml_collections
 
-TOY_DIR = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "llm_embedder_toy"
+from configs.common import TOY_DIR
 
 
 def get_config(arg=None):

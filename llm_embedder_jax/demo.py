@@ -31,8 +31,7 @@ TRAINED = "trained"
 
 def _plain(value):
     """A config value as plain JSON data (tuples → lists), for comparing settings."""
-    value = value.to_dict() if hasattr(value, "to_dict") else value
-    return json.loads(json.dumps(value))
+    return json.loads(json.dumps(value, default=lambda v: v.to_dict()))
 
 
 class Stages:

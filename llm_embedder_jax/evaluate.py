@@ -26,9 +26,10 @@ import json
 import logging
 import pathlib
 
+import jax
 import numpy as np
 
-from llm_embedder_jax import atomic, rewards, search
+from llm_embedder_jax import atomic, paths, rewards, search
 from llm_embedder_jax.metrics import check_ks, contains_answer, exact_match, rerank_metrics, search_metrics
 
 __all__ = ["rerank_metrics", "run_eval", "evaluate_task", "example_from_record"]
@@ -328,13 +329,13 @@ def run_eval(config, workdir, *, lm=None):
     """
     from llm_embedder_jax import score, sharding
     check_config(config)
-    workdir = pathlib.Path(workdir)
+    workdir = paths.as_path(workdir)
     names = [pathlib.Path(p).stem for p in config.files]
     if len(set(names)) != len(names):
         raise ValueError(f"file names must differ (results are named after them): {', '.join(config.files)}")
     files = {pathlib.Path(p): read_examples(p, config) for p in config.files}
     corpora = read_corpora(config.corpora)
-    if not config.search.cache_dir:
+    if not config.search.cache_dir and not paths.is_remote(workdir):  # the cache is memory-mapped: local only
         config = config.copy_and_resolve_references()
         config.search.cache_dir = str(workdir / "embedding_cache")
     mesh = sharding.make_mesh()
@@ -362,10 +363,10 @@ def run_eval(config, workdir, *, lm=None):
             report["evaluations"][key] = {
                 "path": str(path), "task": task, "records": len(examples), "skipped_records": skipped,
                 "headline": headline_metrics(task, report["ks"]), "results": results}
-    table = format_table(report)
-    print(table)
-    plot_report(report, workdir / "eval.png")
-    with atomic.atomic_file(workdir / "eval.json") as f:
-        json.dump(report, f, indent=2)
-    logging.info("wrote %s and %s", workdir / "eval.json", workdir / "eval.png")
+    if jax.process_index() == 0:  # every process holds the whole report; one writes it
+        print(format_table(report))
+        plot_report(report, workdir / "eval.png")
+        with atomic.atomic_file(workdir / "eval.json") as f:
+            json.dump(report, f, indent=2)
+        logging.info("wrote %s and %s", workdir / "eval.json", workdir / "eval.png")
     return report

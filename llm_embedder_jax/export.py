@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm_embedder_jax import atomic, buckets, encoder, sharding, tasks
+from llm_embedder_jax import atomic, buckets, encoder, paths, sharding, tasks
 
 # Compute dtypes; parameters stay float32. float64 (with jax x64 enabled) serves numerical tests.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
@@ -123,7 +123,7 @@ class Embedder:
             self.tokenizer.save_pretrained(str(tmp))
             _write_sentence_transformers_files(tmp, pooling=self.config.pooling,
                                                dim=self.config.hidden_size, max_length=self.max_length)
-        return pathlib.Path(out_dir)
+        return paths.as_path(out_dir)
 
 
 def _write_sentence_transformers_files(folder, *, pooling, dim, max_length):
@@ -153,7 +153,7 @@ def _write_sentence_transformers_files(folder, *, pooling, dim, max_length):
 
 def read_texts(path, *, field):
     """Texts of a .txt file (one per line) or a JSONL file (`field` of each object)."""
-    path = pathlib.Path(path)
+    path = paths.as_path(path)
     if not path.exists():
         raise FileNotFoundError(f"input file {str(path)!r} does not exist")
     try:
@@ -187,11 +187,15 @@ def run_embed(config, workdir):
     texts = read_texts(config.input, field=config.text_field)
     if not texts:
         raise ValueError(f"{config.input}: no texts to embed")
+    # This process's devices: with several processes each embeds all texts (fetching a batch sharded
+    # over other hosts' devices is not possible) and process 0 writes them.
     model = Embedder.from_pretrained(config.model or assets.minilm_dir(), dtype=config.dtype,
-                                     mesh=sharding.make_mesh())
+                                     mesh=sharding.make_mesh(devices=jax.local_devices()))
     vectors = model.encode(texts, kind=config.kind, task=config.task or None,
                            batch_size=config.batch_size, max_length=config.max_length, progress=True)
-    output = pathlib.Path(config.output or pathlib.Path(workdir) / "embeddings.npy")
+    output = paths.as_path(config.output or paths.as_path(workdir) / "embeddings.npy")
+    if jax.process_index() != 0:
+        return output
     with atomic.atomic_file(output, "wb") as f:
         np.save(f, vectors)
     logging.info("wrote %d embeddings of dimension %d to %s", *vectors.shape, output)

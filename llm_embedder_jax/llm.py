@@ -627,7 +627,7 @@ class RewardLM:
     def _prompt_ids(self, prompts):
         """Prompts with the tokenizer's own special tokens, minus a trailing EOS."""
         eos = self.tokenizer.eos_token_id
-        ids = self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
+        ids = self.tokenizer(prompts, add_special_tokens=True)["input_ids"] if prompts else []
         return [row[:-1] if row and row[-1] == eos else row for row in ids]
 
     def loglik(self, prompts, answers, *, batch_size=16, max_length=None):
@@ -645,7 +645,7 @@ class RewardLM:
             raise ValueError(f"got {len(prompts)} prompts but {len(answers)} answers; they must pair up")
         max_length = max_length or self.config.max_position_embeddings
         prompt_ids = self._prompt_ids(prompts)
-        answer_ids = self.tokenizer(answers, add_special_tokens=False)["input_ids"]
+        answer_ids = self.tokenizer(answers, add_special_tokens=False)["input_ids"] if answers else []
         kept_prompts = []
         for i, (prompt, answer) in enumerate(zip(prompt_ids, answer_ids)):
             if not answer:

@@ -15,11 +15,15 @@ and the merge yields exactly the output of an uninterrupted run, in input order.
 Multi-host: process p scores the records i with i % process_count == p, on its own
 devices (a whole copy of the LLM per host, split over the local devices when
 `model_parallel` > 1), so hosts never wait on each other; process 0 merges once all
-are done. The workdir must be a folder every host sees.
+are done (a coordination-service barrier, not a device collective, so a long wait
+times out only after `distributed.DEFAULT_BARRIER_TIMEOUT_S`). The workdir must be a
+folder every host sees: a shared file system or a bucket (gs://...), and inputs may
+be remote too. docs/scaling.md has the recipe for a pod.
 """
 import hashlib
 import itertools
 import json
+import os
 import pathlib
 import time
 
@@ -27,7 +31,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from llm_embedder_jax import rewards
+from llm_embedder_jax import distributed, paths, rewards
 from llm_embedder_jax.atomic import atomic_file
 
 # Fields listed in step with a candidate field, cut with it when `max_candidates` applies.
@@ -50,7 +54,7 @@ def candidate_fields(task):
 def record_lines(path):
     """(ordinal, line number, bytes) of every non-blank line; ordinals count records from 0."""
     ordinal = 0
-    with open(path, "rb") as f:
+    with paths.as_path(path).open("rb") as f:
         for number, raw in enumerate(f, 1):
             if raw.strip():
                 yield ordinal, number, raw
@@ -141,7 +145,7 @@ def _check_lines_up(record, field, against, length, bad):
 
 def scan_file(path, config):
     """(number of records, sha256 of the file); raises the first BadRecord unless skipping them."""
-    with open(path, "rb") as f:
+    with paths.as_path(path).open("rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     count = 0
     for ordinal, line, raw in record_lines(path):
@@ -286,10 +290,10 @@ def score_files(config, workdir, *, lm=None, process_index=0, process_count=1):
     """Scores every input file; returns the report. The LLM is loaded (when `lm` is None)
     only after every input has been checked."""
     check_config(config)
-    workdir = pathlib.Path(workdir)
-    scans = {pathlib.Path(p): scan_file(p, config) for p in config.inputs}
+    workdir = paths.as_path(workdir)
+    scans = {paths.as_path(p): scan_file(p, config) for p in config.inputs}
     for path in scans:
-        if (workdir / path.name).resolve() == path.resolve():
+        if os.path.realpath(workdir / path.name) == os.path.realpath(path):
             raise ValueError(f"the output {workdir / path.name} would overwrite its input: choose another workdir")
     if lm is None:
         lm = load_reward_lm(config)
@@ -303,9 +307,7 @@ def score_files(config, workdir, *, lm=None, process_index=0, process_count=1):
                                     "scoring": scoring})
         score_shards(lm, path, config=config, shard_dir=shard_dir, num_records=num_records,
                      process_index=process_index, process_count=process_count)
-        if process_count > 1:
-            from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices(f"score {path.name}")
+        distributed.barrier(f"score {path.name}: every share scored")
         if process_index != 0:
             continue
         skipped = merge_shards(shard_dir=shard_dir, num_records=num_records, shard_size=config.shard_size,
@@ -322,6 +324,8 @@ def score_files(config, workdir, *, lm=None, process_index=0, process_count=1):
         if report["skipped"]:
             logging.warning("skipped %d bad records (skip_bad_records=True); see %s", report["skipped"],
                             workdir / "score_report.json")
+    # The others wait for the merge: a process that exited now would wait for it at jax's shutdown, with a timeout.
+    distributed.barrier("score: outputs merged")
     return report
 
 

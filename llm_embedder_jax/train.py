@@ -10,7 +10,6 @@ import dataclasses
 import functools
 import json
 import logging
-import pathlib
 import signal
 import time
 
@@ -19,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from llm_embedder_jax import atomic, encoder, export, gradcache, losses, sharding, tasks
+from llm_embedder_jax import atomic, encoder, export, gradcache, losses, paths, sharding, tasks
 
 TASK_INDEX = {task: i for i, task in enumerate(tasks.TASKS)}
+STEP_LOG = "metrics.jsonl"  # in the workdir: one JSON line per step, kept across restarts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +109,8 @@ def train_step(state, batch, task_id, *, settings, tx):
     ema, ref, scale = _self_paced_update(state, task_id, jnp.where(finite, loss, 0.0), settings)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], jax.tree.map(lambda u: u * scale, updates))
+    # A finite gradient can still overflow the weights (a learning rate far too large): skip that too.
+    finite = finite & jnp.isfinite(optax.tree.norm(params))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_state = {
         "step": state["step"] + 1,
@@ -158,7 +160,7 @@ def load_eval_sets(config):
     from llm_embedder_jax.data import records
     sets = {}
     for spec in config.eval_files:
-        path = pathlib.Path(config.data_dir) / spec.path
+        path = paths.as_path(config.data_dir) / spec.path
         samples, unlabelled = [], 0
         for record in records.read_jsonl(path, task=spec.task, skip_bad=config.skip_bad_records):
             cands, num_pos = records.candidates(record)
@@ -187,7 +189,7 @@ def train_datasets(config):
         raise ValueError(f"config.mixture={config.mixture!r}: expected 'proportional' or 'weights'")
     entries = []
     for dataset in config.datasets:
-        entry = dict(name=dataset.name, path=str(pathlib.Path(config.data_dir) / dataset.path), task=dataset.task,
+        entry = dict(name=dataset.name, path=str(paths.as_path(config.data_dir) / dataset.path), task=dataset.task,
                      settings=dataset.settings.to_dict(), skip_bad=config.skip_bad_records)
         if config.mixture == "weights":
             entry["weight"] = dataset.weight
@@ -196,23 +198,40 @@ def train_datasets(config):
 
 
 class _Preemption:
-    """SIGTERM (a preemption notice) sets a flag; the loop saves and returns at the next step boundary."""
+    """SIGTERM (a preemption notice) stops the loop at a step boundary, where it saves and returns.
+
+    One process: a signal handler sets a flag. Several: jax's preemption service (started by
+    `jax.distributed.initialize`) catches SIGTERM on any of them and picks the step at which all
+    stop, so that all save the same step; a Python handler would take the signal from it.
+    """
 
     def __init__(self):
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._multiprocess = jax.process_count() > 1
+        self._previous = None if self._multiprocess else signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
 
+    def reached(self, step):
+        """Whether to save and stop after `step`; every process calls it at every step."""
+        if self._multiprocess:
+            from jax.experimental import multihost_utils
+            self.requested = multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        if not self._multiprocess:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _checkpoint_manager(workdir, config):
     import orbax.checkpoint as ocp
-    options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, enable_async_checkpointing=True)
-    return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / "checkpoints", options=options,
+    # cleanup_tmp_directories: a save cut short by a crash leaves a `*.orbax-checkpoint-tmp*` folder, never
+    # read as a checkpoint; it is removed at the next start.
+    options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, enable_async_checkpointing=True,
+                                           cleanup_tmp_directories=True)
+    return ocp.CheckpointManager(paths.as_path(workdir) / "checkpoints", options=options,
                                  item_names=("state", "data"))
 
 
@@ -231,6 +250,23 @@ def _restore(manager, abstract_state):
     return restored["state"], restored["data"]
 
 
+def _open_step_log(path, step):
+    """The per-step log cut back to steps <= `step` (a resumed run redoes the later ones), open to append."""
+    kept = []
+    if path.exists():
+        for line in path.read_bytes().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                break  # a line cut short by a crash mid-write: only the last one can be
+            if entry["step"] > step:
+                break
+            kept.append(line + b"\n")
+    with atomic.atomic_file(path, "wb") as f:
+        f.writelines(kept)
+    return open(path, "a", encoding="utf-8")
+
+
 def train_and_evaluate(config, workdir):
     """`--mode=train`: trains, checkpoints, evaluates and exports into `workdir`; resumes what is there."""
     from tensorboardX import SummaryWriter
@@ -239,7 +275,7 @@ def train_and_evaluate(config, workdir):
     from llm_embedder_jax import assets
     from llm_embedder_jax.data import pipeline
 
-    workdir = pathlib.Path(workdir)
+    workdir = paths.as_path(workdir)
     mesh = sharding.make_mesh(model_parallel=config.model_parallel)
     sharding.check_divisible(config.global_batch_size, mesh, "config.global_batch_size")
     if config.gradcache_chunk:
@@ -265,6 +301,8 @@ def train_and_evaluate(config, workdir):
     writer = SummaryWriter(str(workdir / "tensorboard")) if jax.process_index() == 0 else None
     preemption = _Preemption()
     step = int(state["step"])
+    # Every step's loss across restarts (train_report.json has only this invocation's).
+    step_log = _open_step_log(workdir / STEP_LOG, step) if jax.process_index() == 0 else None
     progress = tqdm(total=config.num_steps, initial=step, desc="train", unit="step",
                     disable=jax.process_index() != 0)
     window = {"loss": {}, "examples": 0, "start": time.perf_counter()}
@@ -286,11 +324,20 @@ def train_and_evaluate(config, workdir):
             state, metrics = train_step(state, arrays, TASK_INDEX[task], settings=settings, tx=tx)
             step += 1
             loss = float(metrics["loss"])  # also waits for the step: see DESIGN.md §5 on fake devices
-            if not bool(metrics["finite"]):
-                logging.warning("step %d: non-finite loss or gradient on %s; update skipped", step, batch["dataset"])
+            finite = bool(metrics["finite"])
+            if step_log:
+                step_log.write(json.dumps({"step": step, "dataset": batch["dataset"], "task": task,
+                                           "loss": loss if finite else None,
+                                           "grad_norm": float(metrics["grad_norm"]) if finite else None,
+                                           "finite": finite}) + "\n")
+                step_log.flush()
+            if not finite:
+                logging.warning("step %d: non-finite loss, gradient or update on %s; update skipped", step,
+                                batch["dataset"])
                 if config.on_nonfinite == "stop":
+                    manager.wait_until_finished()  # the checkpoint named below is complete
                     raise FloatingPointError(
-                        f"non-finite loss or gradient at step {step} (dataset {batch['dataset']}); "
+                        f"non-finite loss, gradient or update at step {step} (dataset {batch['dataset']}); "
                         f"the last good checkpoint is step {manager.latest_step()} in {manager.directory}")
             else:
                 window["loss"].setdefault(task, []).append(loss)
@@ -316,7 +363,7 @@ def train_and_evaluate(config, workdir):
                 _write_scalars(writer, {f"eval/mrr@10/{k}": v for k, v in
                                         rerank_eval(embedder.with_params(state["params"]), eval_sets,
                                                     max_length=config.key_max_len).items()}, step)
-            if preemption.requested:
+            if preemption.reached(step):
                 logging.warning("SIGTERM: saving step %d and exiting", step)
                 _save(manager, state, iterator)
                 manager.wait_until_finished()
@@ -324,6 +371,9 @@ def train_and_evaluate(config, workdir):
     finally:
         progress.close()
         preemption.restore()
+        if step_log:
+            step_log.close()
+        manager.wait_until_finished()  # whatever ends the loop, a save in flight completes
 
     if manager.latest_step() != step:
         _save(manager, state, iterator)
@@ -333,7 +383,7 @@ def train_and_evaluate(config, workdir):
         return None
     final_eval = rerank_eval(embedder.with_params(state["params"]), eval_sets, max_length=config.key_max_len)
     _write_scalars(writer, {f"eval/mrr@10/{k}": v for k, v in final_eval.items()}, step)
-    export_dir = pathlib.Path(config.export_dir or workdir / "export")
+    export_dir = paths.as_path(config.export_dir or workdir / "export")
     if jax.process_index() == 0:
         embedder.with_params(jax.device_get(state["params"])).save_pretrained(export_dir)
         with atomic.atomic_file(workdir / "train_report.json") as f:

@@ -198,3 +198,4 @@ def test_bad_input_gives_clear_errors(tmp_path, smollm):
         smollm.loglik([3], [" c"])
     with pytest.raises(TypeError, match="not a single str"):
         smollm.sample("one prompt")
+    assert smollm.loglik([], []).shape == (0,) and smollm.sample([]) == []

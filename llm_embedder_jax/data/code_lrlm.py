@@ -37,6 +37,7 @@ query positions spread evenly over the file.
 """
 import collections
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -244,7 +245,9 @@ def _tfds():
     return tfds
 
 
+@functools.lru_cache(maxsize=None)
 def _builder_class():
+    """(builder, config class), defined once: TFDS registers builders by class name."""
     tfds = _tfds()
     from llm_embedder_jax.data import tfds_builder
 
@@ -261,14 +264,13 @@ def _builder_class():
         code_path = None  # nothing to download: no checksums file to look for
 
         def _info(self):
-            text = tfds.features.Text()
             # The fields of the JSONL builder (so tfds_builder.TfdsRecords reads the train split),
-            # plus what lrlm adds: the context, and where the sample comes from.
-            names = tfds_builder.TEXT_FIELDS + tfds_builder.JSON_FIELDS + ("context", "file")
-            features = {name: text for name in names}
+            # plus where each sample comes from.
+            features = {name: tfds.features.Text() for name in (*tfds_builder.TEXT_FIELDS,
+                                                                 *tfds_builder.JSON_FIELDS, "file")}
             features["chunk"] = tfds.features.Scalar(dtype=np.int64)
             return tfds.core.DatasetInfo(
-                builder=self, description=__doc__.split("\n\n")[0],
+                builder=self, description="lrlm samples (query, next chunk, earlier chunks) of local source files.",
                 features=tfds.features.FeaturesDict(features), disable_shuffling=True,
                 metadata=tfds.core.MetadataDict())
 
@@ -277,17 +279,16 @@ def _builder_class():
             settings = self.builder_config.settings
             splits = ["train"] + [s for s, f in (("validation", settings.validation_fraction),
                                                  ("test", settings.test_fraction)) if f > 0]
-            return {split: self._generate_examples(split) for split in splits}
+            tokenizer = load_chunk_tokenizer(self.builder_config.tokenizer)
+            return {split: self._generate_examples(split, tokenizer) for split in splits}
 
-        def _generate_examples(self, split):
-            config = self.builder_config
-            records, report = generate_split(split, config.settings, load_chunk_tokenizer(config.tokenizer))
+        def _generate_examples(self, split, tokenizer):
+            records, report = generate_split(split, self.builder_config.settings, tokenizer)
             self.info.metadata[split] = report
             for index, record in enumerate(records):
                 example = tfds_builder.encode_record({**dict.fromkeys(tfds_builder.JSON_FIELDS), **record,
                                                       "source": f"{record['file']}#{record['chunk']}"})
-                yield index, {**example, "context": record["context"], "file": record["file"],
-                              "chunk": record["chunk"]}
+                yield index, {**example, "file": record["file"], "chunk": record["chunk"]}
 
     return PythonCodeLrlm, CodeLrlmConfig
 
@@ -316,15 +317,10 @@ def _slug(source):
 
 
 def read_tfds(directory, split):
-    """The records of one split of a built dataset (as `write_jsonl` writes them)."""
+    """The records of one split of a built dataset, as `generate_split` makes them."""
     from llm_embedder_jax.data import tfds_builder
-    tfds = _tfds()
-    source = tfds.builder_from_directory(os.fspath(directory)).as_data_source(split=split)
-    records = []
-    for index in range(len(source)):
-        example = source[index]
-        decoded = tfds_builder.decode_record(example)
-        records.append({"query": decoded["query"], "answers": decoded["answers"], "pos": decoded["pos"],
-                        "neg": decoded["neg"], "context": example["context"].decode("utf-8"), "task": decoded["task"],
-                        "file": example["file"].decode("utf-8"), "chunk": int(example["chunk"])})
-    return records
+    source = _tfds().builder_from_directory(os.fspath(directory)).as_data_source(split=split)
+    fields = ("query", "answers", "pos", "neg", "context", "task")
+    return [{**{k: record[k] for k in fields}, "file": example["file"].decode("utf-8"), "chunk": int(example["chunk"])}
+            for example in map(source.__getitem__, range(len(source)))
+            for record in [tfds_builder.decode_record(example)]]

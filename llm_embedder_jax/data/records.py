@@ -25,7 +25,7 @@ import logging
 import math
 import os
 
-from llm_embedder_jax import tasks
+from llm_embedder_jax import paths, tasks
 
 FIELDS = ("task", "query", "pos", "neg", "history", "teacher_scores", "answers", "context")
 
@@ -184,7 +184,7 @@ class JsonlReader:
     def __iter__(self):
         self.skipped.clear()
         lines = 0
-        with open(self.path, "rb") as f:
+        with paths.as_path(self.path).open("rb") as f:  # local or remote (gs://...)
             for line_number, raw in enumerate(f, start=1):
                 if not raw.strip():
                     continue
