@@ -198,3 +198,156 @@ def test_sigkill_at_random_points_resumes_exactly(tmp_path, tiny_cls_checkpoint,
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
     report = json.loads((workdir / "train_report.json").read_text())
     assert report["steps"] == NUM_STEPS and report["nonfinite_steps"] == 0
+
+
+# ----------------------------------------------------------------------------- NaN in training
+
+def poison_steps(monkeypatch, steps):
+    """Makes the given (1-based) steps' teacher scores NaN inside the loop, as a corrupt batch would."""
+    real_step, calls = train.train_step, []
+
+    def poisoned(state, batch, task_id, **kwargs):
+        calls.append(task_id)
+        if len(calls) in steps:
+            batch = dict(batch, teacher_scores=batch["teacher_scores"] * np.nan)
+        return real_step(state, batch, task_id, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", poisoned)
+
+
+def restored_checkpoints(workdir):
+    import orbax.checkpoint as ocp
+    checkpointer = ocp.StandardCheckpointer()
+    return {step: checkpointer.restore(workdir / "checkpoints" / str(step) / "state")
+            for step in checkpoint_dirs(workdir)[0]}
+
+
+def all_finite(tree):
+    return all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(tree))
+
+
+def test_nan_with_stop_never_reaches_a_checkpoint_or_export(tmp_path, monkeypatch, tiny_cls_checkpoint,
+                                                            docstring_jsonl):
+    poison_steps(monkeypatch, {3})
+    config = small_config(tiny_cls_checkpoint, docstring_jsonl, num_steps=5, checkpoint_every=1, keep_checkpoints=3,
+                          on_nonfinite="stop")
+    config.eval_files = []
+    with pytest.raises(FloatingPointError, match=r"at step 3 .*last good checkpoint is step 2 in .*checkpoints"):
+        train.train_and_evaluate(config, tmp_path)
+    checkpoints = restored_checkpoints(tmp_path)
+    assert sorted(checkpoints) == [1, 2]  # step 2's save was in flight at the NaN: it completed
+    assert all(all_finite(state) for state in checkpoints.values())
+    assert not (tmp_path / "export").exists() and not (tmp_path / "train_report.json").exists()
+    log = read_step_log(tmp_path)
+    assert [(e["step"], e["finite"]) for e in log] == [(1, True), (2, True), (3, False)]
+    assert log[-1]["loss"] is None
+
+
+def test_nan_with_skip_completes_and_counts(tmp_path, monkeypatch, tiny_cls_checkpoint, docstring_jsonl):
+    poison_steps(monkeypatch, {2, 4})
+    config = small_config(tiny_cls_checkpoint, docstring_jsonl, num_steps=5, checkpoint_every=1, keep_checkpoints=5,
+                          on_nonfinite="skip")
+    config.eval_files = []
+    train.train_and_evaluate(config, tmp_path)
+    report = json.loads((tmp_path / "train_report.json").read_text())
+    assert report["steps"] == 5 and report["nonfinite_steps"] == 2
+    assert [e["step"] for e in report["losses"]] == [1, 3, 5]
+    assert [e["finite"] for e in read_step_log(tmp_path)] == [True, False, True, False, True]
+    checkpoints = restored_checkpoints(tmp_path)
+    assert all(all_finite(state) for state in checkpoints.values())
+    # A skipped step leaves the weights and optimizer moments exactly as they were.
+    for a, b in zip(jax.tree.leaves(checkpoints[1]["params"]), jax.tree.leaves(checkpoints[2]["params"])):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(checkpoints[1]["opt_state"]), jax.tree.leaves(checkpoints[2]["opt_state"])):
+        np.testing.assert_array_equal(a, b)
+    assert all_finite(exported_params(tmp_path))
+
+
+def test_update_that_overflows_the_weights_is_skipped(tiny_cls_checkpoint, docstring_jsonl):
+    """A finite loss and gradient whose update is not finite (a learning rate of 1e39 → inf in float32)."""
+    import optax
+    from llm_embedder_jax import Embedder, sharding
+    from llm_embedder_jax.data import pipeline
+    model = Embedder.from_pretrained(tiny_cls_checkpoint)
+    batch = next(pipeline.make_train_iterator(
+        [dict(path=str(docstring_jsonl), task="qa")], tokenizer=model.tokenizer, global_batch_size=8, group_size=4,
+        query_max_len=32, key_max_len=48, seed=0))
+    mesh = sharding.make_mesh()
+    tx = optax.sgd(1e39)
+    state = jax.device_put(train.init_state(model.params, tx), sharding.replicated(mesh))
+    before = jax.device_get(state)
+    arrays = sharding.global_batch(mesh, {k: batch[k] for k in
+                                          ("query_ids", "query_mask", "key_ids", "key_mask", "teacher_scores")})
+    settings = train.step_settings(small_config(tiny_cls_checkpoint, docstring_jsonl), model.config, "qa")
+    state, metrics = train.train_step(state, arrays, 0, settings=settings, tx=tx)
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+    assert not bool(metrics["finite"]) and int(state["nonfinite_steps"]) == 1
+    for a, b in zip(jax.tree.leaves(jax.device_get(state["params"])), jax.tree.leaves(before["params"])):
+        np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory, minilm_dir):
+    """A random 2-layer Llama with MiniLM's tokenizer: the score job's faults do not depend on the LLM."""
+    import torch
+    import transformers
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=64, vocab_size=30522, max_position_embeddings=512,
+                                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm_dir / name, folder / name)
+    return folder
+
+
+NUM_RECORDS = 12
+
+
+def test_score_sigkill_at_random_points_loses_and_repeats_nothing(tmp_path, tiny_llm, real_texts, job_env):
+    from tests.conftest import docstring_records
+    rng = random.Random(7)
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in docstring_records(real_texts, count=NUM_RECORDS)))
+    args = lambda workdir: ["--mode=score", "--config=configs/score.py", f"--workdir={workdir}",
+                            f"--config.inputs=('{data}',)", f"--config.llm={tiny_llm}", "--config.max_candidates=2",
+                            "--config.shard_size=1", "--config.batch_size=8", "--config.key_max_tokens=32"]
+    reference = tmp_path / "reference"
+    job = Job(args(reference), job_env, None)
+    assert job.finish() == 0, job.tail()
+
+    workdir = tmp_path / "killed"
+    shards = workdir / "shards" / "qa"
+    kills, resumes, runs = [], 0, 0
+    while True:
+        runs += 1
+        job = Job(args(workdir), job_env, None)
+        done = len(list(shards.glob("0*.jsonl")))
+        # Kill once a random number of further shards is written (or at once: while loading), plus a delay.
+        target = done + rng.choice([0, 1, 1, 2, 3])
+        deadline = time.time() + 240
+        while len(list(shards.glob("0*.jsonl"))) < target and job.proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.3))
+        if len(kills) == 6 or not job.kill():
+            break
+        finished = sorted(shards.glob("0*.jsonl"))
+        kills.append(len(finished))
+        # Every shard on disk is whole: its records, once each, in order.
+        for path in finished:
+            assert [e["i"] for e in map(json.loads, path.read_text().splitlines())] == [int(path.name[:5])]
+        resumes += "resuming" in "".join(job.text)
+    assert job.finish() == 0, job.tail()
+    resumes += "resuming" in "".join(job.text)
+    print(f"{runs} runs, kills with 0..{NUM_RECORDS} shards done: {kills}, {resumes} resumed")
+    assert len(kills) >= 4, kills
+    assert (workdir / "qa.jsonl").read_bytes() == (reference / "qa.jsonl").read_bytes()
+    outputs = [json.loads(line) for line in (workdir / "qa.jsonl").read_text().splitlines()]
+    assert [o["query"] for o in outputs] == [json.loads(line)["query"] for line in data.read_text().splitlines()]
+    assert all(len(o["teacher_scores"]) == 2 for o in outputs)
+    assert not list(shards.glob(".*tmp*"))
+    report = json.loads((workdir / "score_report.json").read_text())
+    assert report["skipped"] == 0 and list(report["files"].values())[0]["scored"] == NUM_RECORDS
