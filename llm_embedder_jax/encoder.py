@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llm_embedder_jax import safetensors_io
+
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -254,23 +256,6 @@ def read_pooling(folder):
     raise ValueError(f"{config_file}: only CLS or mean-token pooling is supported")
 
 
-def read_safetensors(folder):
-    """All tensors of model.safetensors, or of every shard named in model.safetensors.index.json."""
-    from safetensors.numpy import load_file
-    folder = pathlib.Path(folder)
-    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
-    if single.exists():
-        return load_file(single)
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        tensors = {}
-        for shard in shards:
-            tensors.update(load_file(folder / shard))
-        return tensors
-    raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json "
-                            "(only safetensors checkpoints are supported)")
-
-
 def load_hf(folder):
     """(EncoderConfig, params, hf_config dict) from a Hugging Face checkpoint folder."""
     folder = pathlib.Path(folder)
@@ -281,4 +266,4 @@ def load_hf(folder):
         raise FileNotFoundError(f"{folder}: no config.json")
     hf_config = json.loads(config_file.read_text())
     config = config_from_hf(hf_config, pooling=read_pooling(folder))
-    return config, params_from_hf(read_safetensors(folder), config), hf_config
+    return config, params_from_hf(safetensors_io.read_folder(folder), config), hf_config

@@ -105,20 +105,6 @@ def load_gguf(path, *, dtype):
             weight = _unpermute_rows(weight, config.num_kv_heads)
         tensors[tensor.name] = weight
 
-    def take(name):
-        if name not in tensors:
-            raise ValueError(f"{path}: GGUF tensor {name!r} is missing")
-        return tensors.pop(name)
-
-    layer_names = [n for n in LAYER_TENSORS if f"blk.0.{n}" in tensors]
-    hf_style = {
-        "embed": take("token_embd.weight"),
-        "final_norm": take("output_norm.weight"),
-        "layers": {LAYER_TENSORS[n]: [take(f"blk.{i}.{n}") for i in range(config.num_layers)]
-                   for n in layer_names},
-    }
-    if not config.tie_word_embeddings:
-        hf_style["lm_head"] = take("output.weight")
-    if tensors:
-        raise ValueError(f"{path}: unexpected GGUF tensors {sorted(tensors)[:5]} (of {len(tensors)})")
-    return config, llm.params_from_torch_layout(hf_style, dtype=dtype)
+    return config, llm.assemble_params(tensors, config=config, dtype=dtype, where=path, embed="token_embd.weight",
+                                       final_norm="output_norm.weight", lm_head="output.weight",
+                                       layer_key="blk.{i}.{name}", layer_names=LAYER_TENSORS)

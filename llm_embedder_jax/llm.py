@@ -30,7 +30,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from llm_embedder_jax import buckets
+from llm_embedder_jax import buckets, safetensors_io
 from llm_embedder_jax import sharding as sharding_lib
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
@@ -126,6 +126,33 @@ def params_from_torch_layout(weights, *, dtype):
     params = {key: np.asarray(value).astype(dtype) for key, value in weights.items() if key != "layers"}
     params["layers"] = layers
     return params
+
+
+def assemble_params(tensors, *, config, dtype, where, embed, final_norm, lm_head, layer_key, layer_names):
+    """Pops a checkpoint's tensors (PyTorch layout, checkpoint names) into our pytree.
+
+    `layer_names` maps a checkpoint's per-layer name to ours; `layer_key` formats
+    (i, name) into the full tensor name. A missing or left-over tensor is an error.
+    """
+    def take(name):
+        if name not in tensors:
+            raise ValueError(f"{where}: weight {name!r} is missing")
+        return tensors.pop(name)
+
+    present = [n for n in layer_names if layer_key.format(i=0, name=n) in tensors]
+    weights = {
+        "embed": take(embed),
+        "final_norm": take(final_norm),
+        "layers": {layer_names[n]: [take(layer_key.format(i=i, name=n)) for i in range(config.num_layers)]
+                   for n in present},
+    }
+    if config.tie_word_embeddings:
+        tensors.pop(lm_head, None)  # some tied checkpoints store the shared matrix twice
+    else:
+        weights["lm_head"] = take(lm_head)
+    if tensors:
+        raise ValueError(f"{where}: unexpected weights {sorted(tensors)[:5]} (of {len(tensors)})")
+    return params_from_torch_layout(weights, dtype=dtype)
 
 
 def init_params(key, *, config, dtype="float32"):
@@ -458,39 +485,8 @@ HF_LAYER_WEIGHTS = {
     "self_attn.v_proj.bias": "v_bias", "mlp.gate_proj.weight": "gate", "mlp.up_proj.weight": "up",
     "mlp.down_proj.weight": "down",
 }
-_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16, "F64": np.float64}
-
-
-def _safetensors_arrays(path):
-    """name -> numpy array, read directly because safetensors' numpy API cannot hold bfloat16."""
-    with open(path, "rb") as f:
-        header_size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_size))
-    data = np.memmap(path, np.uint8, "r", offset=8 + header_size)
-    arrays = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        arrays[name] = data[start:end].view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
-    return arrays
-
-
 def _hf_tensors(folder):
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (folder / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
-    tensors = {}
-    for name in files:
-        for key, array in _safetensors_arrays(folder / name).items():
-            tensors[key.removeprefix("model.")] = array
-    return tensors
+    return {key.removeprefix("model."): array for key, array in safetensors_io.read_folder(folder).items()}
 
 
 def load_hf_folder(folder, *, dtype="float32"):
@@ -502,25 +498,9 @@ def load_hf_folder(folder, *, dtype="float32"):
     config = config_from_hf(json.loads(config_path.read_text()), where=str(config_path))
     tensors = _hf_tensors(folder)
 
-    def take(name):
-        if name not in tensors:
-            raise ValueError(f"{folder}: weight {name!r} is missing from the safetensors files")
-        return tensors.pop(name)
-
-    layer_names = [n for n in HF_LAYER_WEIGHTS if f"layers.0.{n}" in tensors]
-    weights = {
-        "embed": take("embed_tokens.weight"),
-        "final_norm": take("norm.weight"),
-        "layers": {HF_LAYER_WEIGHTS[n]: [take(f"layers.{i}.{n}") for i in range(config.num_layers)]
-                   for n in layer_names},
-    }
-    if config.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)  # some tied checkpoints store the shared matrix twice
-    else:
-        weights["lm_head"] = take("lm_head.weight")
-    if tensors:
-        raise ValueError(f"{folder}: unexpected weights {sorted(tensors)[:5]} (of {len(tensors)})")
-    return config, params_from_torch_layout(weights, dtype=dtype)
+    return config, assemble_params(tensors, config=config, dtype=dtype, where=folder, embed="embed_tokens.weight",
+                                   final_norm="norm.weight", lm_head="lm_head.weight",
+                                   layer_key="layers.{i}.{name}", layer_names=HF_LAYER_WEIGHTS)
 
 
 def load_params(path, *, dtype="float32"):
