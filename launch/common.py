@@ -1,4 +1,4 @@
-"""What the launchers share: splitting off main.py's flags, shell quoting, running or printing commands."""
+"""What the launchers share: splitting off main.py's flags, --env, shell quoting, running a command."""
 import argparse
 import shlex
 import subprocess
@@ -47,18 +47,10 @@ def shell_command(argv, env=None):
     return " ".join(prefix + [shlex.join(argv)])
 
 
-def run_or_print(commands, *, dry_run, out=None):
-    """Runs each argv in turn, stopping at the first failure; with dry_run, prints them instead."""
-    out = out or sys.stdout
-    for argv in commands:
-        if dry_run:
-            print(shlex.join(argv), file=out)
-            continue
-        print(f"+ {shlex.join(argv)}", file=sys.stderr, flush=True)
-        code = subprocess.call(argv)
-        if code:
-            return code
-    return 0
+def run(argv):
+    """Runs one command, echoed to stderr first; returns its exit status."""
+    print(f"+ {shlex.join(argv)}", file=sys.stderr, flush=True)
+    return subprocess.call(argv)
 
 
 class Parser(argparse.ArgumentParser):
@@ -66,4 +58,4 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, **kwargs):
         super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
-        self.usage = f"%(prog)s [options] -- MAIN_PY_FLAGS..."
+        self.usage = "%(prog)s [options] -- MAIN_PY_FLAGS..."

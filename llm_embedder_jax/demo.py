@@ -120,32 +120,60 @@ def read_test_examples(path):
 
 
 def evaluate_row(spec, *, examples, lm, config, mesh):
+    """One row: the metrics of the retriever `spec`, with each test sample's log-likelihood."""
     from llm_embedder_jax import evaluate, search
     retriever = search.build_retriever(spec, config.eval, mesh=mesh)
     options = evaluate.LMOptions(key_max_tokens=config.eval.key_max_tokens, batch_size=config.eval.batch_size,
-                                 max_length=config.eval.max_length)
+                                 max_length=config.eval.max_length, per_example=True)
     return evaluate.evaluate_task(examples, retriever, lm, k=config.eval.k, ks=(1,), options=options)
 
 
-def summarize(rows, seeds):
-    """{row: {metric: {mean, std, values}}}: std over the training seeds (0 for rows without a seed)."""
+def _mean_and_se(values):
+    values = np.asarray(values, np.float64)
+    return float(values.mean()), float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+
+
+def summarize(rows, *, baseline="untrained"):
+    """Every row's perplexity and log-likelihood, with two spreads, and the paired gain of the trained rows.
+
+    rows: {name: [evaluation per seed]} (one evaluation for rows that do not depend on the seed).
+    - `std`: over the training seeds (0 for a single evaluation);
+    - `ci95`: perplexity interval from the standard error over the test samples of the mean
+      log-likelihood (per sample averaged over seeds);
+    - `gain_vs_<baseline>`: the trained row's mean log-likelihood minus the baseline's on the same
+      samples, per seed, and its standard error over the samples (> 0: the trained encoder helps).
+    """
     summary = {}
     for name, per_seed in rows.items():
-        summary[name] = {}
-        for metric in ("perplexity", "loglik"):
-            values = [r[metric] for r in per_seed]
-            summary[name][metric] = {"mean": float(np.mean(values)), "std": float(np.std(values)),
-                                     "values": values}
-        summary[name]["seeds"] = seeds if name == TRAINED else None
+        ppl = [r["perplexity"] for r in per_seed]
+        loglik = [r["loglik"] for r in per_seed]
+        mean, se = _mean_and_se(np.mean([r["logliks"] for r in per_seed], axis=0))
+        summary[name] = {
+            "perplexity": {"mean": float(np.mean(ppl)), "std": float(np.std(ppl)), "values": ppl,
+                           "ci95": [float(np.exp(-mean - 1.96 * se)), float(np.exp(-mean + 1.96 * se))]},
+            "loglik": {"mean": float(np.mean(loglik)), "std": float(np.std(loglik)), "values": loglik, "se": se}}
+    if baseline in rows and TRAINED in rows:
+        reference = np.asarray(rows[baseline][0]["logliks"])
+        per_seed = [np.asarray(r["logliks"]) - reference for r in rows[TRAINED]]
+        gain, se = _mean_and_se(np.mean(per_seed, axis=0))
+        summary[TRAINED][f"gain_vs_{baseline}"] = {
+            "loglik": gain, "se": se, "per_seed": [float(g.mean()) for g in per_seed],
+            "samples_better": float(np.mean(np.mean(per_seed, axis=0) > 0)),
+            "samples_worse": float(np.mean(np.mean(per_seed, axis=0) < 0))}
     return summary
 
 
 def format_table(summary):
-    lines = ["| retriever | next-chunk perplexity ↓ |", "|---|---:|"]
+    lines = ["| retriever | next-chunk perplexity ↓ | 95% interval (test samples) |", "|---|---:|---:|"]
     for name, entry in summary.items():
         ppl = entry["perplexity"]
         spread = f" ± {ppl['std']:.3f}" if len(ppl["values"]) > 1 else ""
-        lines.append(f"| {name} | {ppl['mean']:.3f}{spread} |")
+        lines.append(f"| {name} | {ppl['mean']:.3f}{spread} | {ppl['ci95'][0]:.3f}–{ppl['ci95'][1]:.3f} |")
+    for key, gain in summary.get(TRAINED, {}).items():
+        if key.startswith("gain_vs_"):
+            lines.append(f"\n{TRAINED} vs {key[len('gain_vs_'):]}: {gain['loglik']:+.4f} ± {gain['se']:.4f} answer "
+                         f"log-likelihood per token (paired, SE over samples); better on "
+                         f"{gain['samples_better']:.0%}, worse on {gain['samples_worse']:.0%} of the samples")
     return "\n".join(lines)
 
 
@@ -173,8 +201,9 @@ def plot_summary(summary, path, *, title):
 
 def run_demo(config, workdir):
     """`main.py --mode=demo`: every stage (skipping those already done); returns the report."""
-    from llm_embedder_jax import score, search, sharding, train
+    from llm_embedder_jax import score, search, sharding, train, validation
 
+    validation.validate(config, "demo", check_data=False)  # its stages make the data
     if config.seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {config.seeds}")
     workdir = pathlib.Path(workdir)
@@ -221,7 +250,7 @@ def run_demo(config, workdir):
                                                      lm=reward_lm(), config=config, mesh=mesh))
                      for seed in seeds]
 
-    summary = summarize(rows, seeds)
+    summary = summarize(rows)
     table = format_table(summary)
     print(table)
     report = {"rows": summary, "table": table, "test_samples": len(examples), "seeds": seeds,

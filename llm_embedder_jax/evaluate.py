@@ -97,6 +97,7 @@ class LMOptions:
     max_new_tokens: int = 32  # greedy output length for qa and icl
     batch_size: int = 16
     max_length: int = 0  # prompt + answer tokens (0 = the LLM's own context)
+    per_example: bool = False  # also return each example's answer log-likelihood ("logliks"), for paired statistics
 
 
 def build_corpus(examples, corpus=None):
@@ -131,7 +132,10 @@ def _lm_scores(lm, prompts, answers, options):
     loglik = rewards.loglik_pairs(lm, list(zip(prompts, answers)), batch_size=options.batch_size,
                                   max_length=options.max_length or None)
     mean = float(np.mean(loglik))
-    return {"loglik": mean, "perplexity": float(np.exp(-mean))}
+    scores = {"loglik": mean, "perplexity": float(np.exp(-mean))}
+    if options.per_example:
+        scores["logliks"] = [float(v) for v in loglik]
+    return scores
 
 
 def _greedy(lm, prompts, options):
@@ -327,7 +331,8 @@ def run_eval(config, workdir, *, lm=None):
     Inputs are all read and checked before any model is loaded. `lm` replaces the
     configured reward LLM (which is loaded only when a file needs it).
     """
-    from llm_embedder_jax import score, sharding
+    from llm_embedder_jax import score, sharding, validation
+    validation.validate(config, "eval")
     check_config(config)
     workdir = paths.as_path(workdir)
     names = [pathlib.Path(p).stem for p in config.files]

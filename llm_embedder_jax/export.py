@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm_embedder_jax import atomic, buckets, encoder, paths, sharding, tasks
+from llm_embedder_jax import atomic, buckets, encoder, jsonl, paths, sharding, tasks
 
 # Compute dtypes; parameters stay float32. float64 (with jax x64 enabled) serves numerical tests.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
@@ -156,11 +156,16 @@ def read_texts(path, *, field):
     path = paths.as_path(path)
     if not path.exists():
         raise FileNotFoundError(f"input file {str(path)!r} does not exist")
+    data = path.read_bytes()
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        line = data[:e.start].count(b"\n") + 1
         raise ValueError(f"{path}:{line}: not valid UTF-8") from None
+    # Lines end at "\n" (or "\r\n") only: str.splitlines would also cut a text at \x0c, \x85, \u2028, ...
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    if lines[-1] == "":
+        lines.pop()
     if path.suffix not in (".jsonl", ".json"):
         return lines
     texts = []
@@ -168,9 +173,9 @@ def read_texts(path, *, field):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number}: malformed JSON ({e.msg})") from None
+            record = jsonl.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{path}:{number}: {e}") from None
         if not isinstance(record, dict) or field not in record:
             raise ValueError(f"{path}:{number}: no field {field!r} in this record")
         if not isinstance(record[field], str):
@@ -181,7 +186,8 @@ def read_texts(path, *, field):
 
 def run_embed(config, workdir):
     """`--mode=embed`: a text or JSONL file -> float32 .npy [n, dim] in input order."""
-    from llm_embedder_jax import assets
+    from llm_embedder_jax import assets, validation
+    validation.validate(config, "embed")
     if not config.input:
         raise ValueError("config.input is empty: give the text (.txt) or JSONL file to embed")
     texts = read_texts(config.input, field=config.text_field)

@@ -31,7 +31,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from llm_embedder_jax import distributed, paths, rewards
+from llm_embedder_jax import distributed, jsonl, paths, rewards
 from llm_embedder_jax.atomic import atomic_file
 
 # Fields listed in step with a candidate field, cut with it when `max_candidates` applies.
@@ -87,14 +87,16 @@ def parse_record(raw, *, path, line, ordinal, config):
     except UnicodeDecodeError as e:
         raise bad(None, f"not UTF-8 ({e.reason} at byte {e.start})") from None
     try:
-        record = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise bad(None, f"malformed JSON ({e.msg} at column {e.colno})") from None
+        record = jsonl.loads(text)
+    except ValueError as e:
+        raise bad(None, str(e)) from None
     if not isinstance(record, dict):
         raise bad(None, f"expected a JSON object, found {_describe(record)}")
     task = record.get("task") or config.task
     if not task:
         raise bad("task", "no task: the record has none and config.task is empty")
+    if not isinstance(task, str):
+        raise bad("task", f"expected a string, found {_describe(task)}")
     try:
         rewards.check_reward_task(task)
     except ValueError as e:
@@ -332,4 +334,6 @@ def score_files(config, workdir, *, lm=None, process_index=0, process_count=1):
 def run_score(config, workdir):
     """`main.py --mode=score`."""
     import jax
+    from llm_embedder_jax import validation
+    validation.validate(config, "score")
     score_files(config, workdir, process_index=jax.process_index(), process_count=jax.process_count())

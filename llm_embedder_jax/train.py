@@ -250,21 +250,18 @@ def _restore(manager, abstract_state):
     return restored["state"], restored["data"]
 
 
-def _open_step_log(path, step):
-    """The per-step log cut back to steps <= `step` (a resumed run redoes the later ones), open to append."""
-    kept = []
-    if path.exists():
-        for line in path.read_bytes().splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                break  # a line cut short by a crash mid-write: only the last one can be
-            if entry["step"] > step:
-                break
-            kept.append(line + b"\n")
-    with atomic.atomic_file(path, "wb") as f:
-        f.writelines(kept)
-    return open(path, "a", encoding="utf-8")
+def _read_step_log(path, step):
+    """The per-step log's entries up to `step`: a resumed run redoes the later ones."""
+    if not path.exists():
+        return []
+    return [entry for entry in map(json.loads, path.read_text().splitlines()) if entry["step"] <= step]
+
+
+def _write_step_log(path, entries):
+    # Rewritten whole and atomically (object stores cannot append); at each checkpoint and when the
+    # loop ends, so a crash loses only steps that the resumed run redoes.
+    with atomic.atomic_file(path) as f:
+        f.writelines(json.dumps(entry) + "\n" for entry in entries)
 
 
 def train_and_evaluate(config, workdir):
@@ -272,9 +269,10 @@ def train_and_evaluate(config, workdir):
     from tensorboardX import SummaryWriter
     from tqdm.auto import tqdm
 
-    from llm_embedder_jax import assets
+    from llm_embedder_jax import assets, validation
     from llm_embedder_jax.data import pipeline
 
+    validation.validate(config, "train")
     workdir = paths.as_path(workdir)
     mesh = sharding.make_mesh(model_parallel=config.model_parallel)
     sharding.check_divisible(config.global_batch_size, mesh, "config.global_batch_size")
@@ -302,7 +300,7 @@ def train_and_evaluate(config, workdir):
     preemption = _Preemption()
     step = int(state["step"])
     # Every step's loss across restarts (train_report.json has only this invocation's).
-    step_log = _open_step_log(workdir / STEP_LOG, step) if jax.process_index() == 0 else None
+    step_log = _read_step_log(workdir / STEP_LOG, step) if jax.process_index() == 0 else None
     progress = tqdm(total=config.num_steps, initial=step, desc="train", unit="step",
                     disable=jax.process_index() != 0)
     window = {"loss": {}, "examples": 0, "start": time.perf_counter()}
@@ -325,12 +323,10 @@ def train_and_evaluate(config, workdir):
             step += 1
             loss = float(metrics["loss"])  # also waits for the step: see DESIGN.md §5 on fake devices
             finite = bool(metrics["finite"])
-            if step_log:
-                step_log.write(json.dumps({"step": step, "dataset": batch["dataset"], "task": task,
-                                           "loss": loss if finite else None,
-                                           "grad_norm": float(metrics["grad_norm"]) if finite else None,
-                                           "finite": finite}) + "\n")
-                step_log.flush()
+            if step_log is not None:
+                step_log.append({"step": step, "dataset": batch["dataset"], "task": task,
+                                 "loss": loss if finite else None,
+                                 "grad_norm": float(metrics["grad_norm"]) if finite else None, "finite": finite})
             if not finite:
                 logging.warning("step %d: non-finite loss, gradient or update on %s; update skipped", step,
                                 batch["dataset"])
@@ -359,6 +355,8 @@ def train_and_evaluate(config, workdir):
                 window = {"loss": {}, "examples": 0, "start": time.perf_counter()}
             if step % config.checkpoint_every == 0:
                 _save(manager, state, iterator)
+                if step_log is not None:
+                    _write_step_log(workdir / STEP_LOG, step_log)
             if config.eval_every and step % config.eval_every == 0 and eval_sets:
                 _write_scalars(writer, {f"eval/mrr@10/{k}": v for k, v in
                                         rerank_eval(embedder.with_params(state["params"]), eval_sets,
@@ -371,8 +369,8 @@ def train_and_evaluate(config, workdir):
     finally:
         progress.close()
         preemption.restore()
-        if step_log:
-            step_log.close()
+        if step_log is not None:
+            _write_step_log(workdir / STEP_LOG, step_log)
         manager.wait_until_finished()  # whatever ends the loop, a save in flight completes
 
     if manager.latest_step() != step:

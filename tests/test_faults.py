@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import pytest
 
-from llm_embedder_jax import atomic, encoder, train
+from llm_embedder_jax import encoder, train
 from tests.test_train import small_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -42,13 +42,14 @@ def job_env(tmp_path_factory):
 class Job:
     """A main.py subprocess; a thread reads its stderr so that the test can wait for log lines."""
 
-    def __init__(self, args, env, log_path):
-        self.log_path = log_path
+    def __init__(self, args, env):
         self.proc = subprocess.Popen([sys.executable, "main.py", *args], cwd=ROOT, env=env, text=True,
                                      errors="replace", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.lines = queue.Queue()
         self.text = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self.ended = False
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
     def _read(self):
         for line in self.proc.stderr:
@@ -60,11 +61,14 @@ class Job:
         """True once `pattern` has matched `count` more lines; False when the process ends first."""
         deadline = time.time() + timeout
         while count > 0:
+            if self.ended:
+                return False
             try:
                 line = self.lines.get(timeout=max(0.0, deadline - time.time()))
             except queue.Empty:
                 raise TimeoutError(f"no {pattern!r} within {timeout}s:\n{self.tail()}") from None
             if line is None:
+                self.ended = True
                 return False
             count -= len(re.findall(pattern, line))
         return True
@@ -74,8 +78,7 @@ class Job:
         alive = self.proc.poll() is None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
-        while self.lines.get(timeout=30) is not None:
-            pass
+        self.reader.join(timeout=60)  # all of its output read
         return alive
 
     def finish(self, timeout=300):
@@ -84,8 +87,7 @@ class Job:
         except subprocess.TimeoutExpired:
             self.kill()
             raise
-        while self.lines.get() is not None:
-            pass
+        self.reader.join(timeout=60)
         return self.proc.returncode
 
     def tail(self, chars=4000):
@@ -94,7 +96,7 @@ class Job:
 
 # ----------------------------------------------------------------------------- training
 
-NUM_STEPS = 14
+NUM_STEPS = 24
 
 
 def write_train_config(path, model_dir, data_file, **overrides):
@@ -125,12 +127,17 @@ def exported_params(workdir):
     return params
 
 
+def resumed_at(job):
+    """The step a run resumed from (0: from scratch); None when it was killed before saying."""
+    text = "".join(job.text)
+    resumed = RESUMED.findall(text)
+    return int(resumed[0]) if resumed else 0 if STEP_LINE.search(text) else None
+
+
 # Where a kill lands: right after the process logs something, plus a random delay.
-KILL_POINTS = {
-    "startup": r"CheckpointManager created",                             # restoring, building the input
-    "checkpoint write": r"Creating tmp directory \S+\d\.orbax-checkpoint-tmp",  # mid-save, before the rename
-    "mid-step": STEP_LINE.pattern,                                       # between and inside steps
-}
+STARTUP = r"CheckpointManager created"                                  # restoring, building the input
+SAVE_STARTED = r"Creating tmp directory \S+\d\.orbax-checkpoint-tmp"     # mid-save, before the rename
+SAVE_FINISHED = r"Finished saving checkpoint"
 
 
 def test_sigkill_at_random_points_resumes_exactly(tmp_path, tiny_cls_checkpoint, docstring_jsonl, job_env):
@@ -140,7 +147,7 @@ def test_sigkill_at_random_points_resumes_exactly(tmp_path, tiny_cls_checkpoint,
     args = lambda workdir: ["--mode=train", f"--config={config_file}", f"--workdir={workdir}"]
 
     reference = tmp_path / "reference"
-    job = Job(args(reference), job_env, tmp_path / "reference.log")
+    job = Job(args(reference), job_env)
     assert job.finish() == 0, job.tail()
 
     workdir = tmp_path / "killed"
@@ -149,39 +156,51 @@ def test_sigkill_at_random_points_resumes_exactly(tmp_path, tiny_cls_checkpoint,
     plan.append("final")  # the last kill lands after the last step: final save, export, report
     outcomes = []
     for point in plan:
-        job = Job(args(workdir), job_env, None)
+        job = Job(args(workdir), job_env)
         if point == "final":
             reached = job.wait_for(rf"\] step {NUM_STEPS}: ")
             time.sleep(rng.uniform(0.0, 1.5))
-        elif point == "mid-step":
-            reached = job.wait_for(STEP_LINE.pattern, count=rng.randint(1, 3))
+        elif point == "mid-step":  # some steps after this run's first finished save: progress
+            reached = job.wait_for(SAVE_FINISHED) and job.wait_for(STEP_LINE.pattern, count=rng.randint(1, 3))
             time.sleep(rng.uniform(0.0, 0.4))
+        elif point == "checkpoint write":
+            reached = job.wait_for(SAVE_STARTED, count=rng.randint(1, 3))
+            time.sleep(rng.uniform(0.0, 0.05))
         else:
-            reached = job.wait_for(KILL_POINTS[point])
-            time.sleep(rng.uniform(0.0, 0.05 if point == "checkpoint write" else 0.5))
+            reached = job.wait_for(STARTUP)
+            time.sleep(rng.uniform(0.0, 0.5))
         killed = reached and job.kill()
-        resumed = [int(m) for m in RESUMED.findall("".join(job.text))]
         steps_logged = [int(m) for m in STEP_LINE.findall("".join(job.text))]
         finished, unfinished = checkpoint_dirs(workdir)
-        outcomes.append(dict(point=point, killed=killed, resumed_at=resumed[0] if resumed else 0,
+        outcomes.append(dict(point=point, killed=killed, resumed_at=resumed_at(job),
                              last_step_logged=max(steps_logged, default=None), finished=finished,
                              unfinished=unfinished, exit=job.proc.returncode if not killed else "SIGKILL"))
+        # Whatever the kill interrupted, the files it left are whole: the step log parses, steps in
+        # order from 1; an export folder loads; a report parses.
+        if (workdir / train.STEP_LOG).exists():
+            entries = read_step_log(workdir)
+            assert [e["step"] for e in entries] == list(range(1, len(entries) + 1))
+        if (workdir / "export").exists():
+            exported_params(workdir)
+        if (workdir / "train_report.json").exists():
+            json.loads((workdir / "train_report.json").read_text())
         if not killed:
             assert job.finish() == 0, job.tail()
             break
-    job = Job(args(workdir), job_env, None)
+    job = Job(args(workdir), job_env)
     assert job.finish() == 0, job.tail()
-    resumed = [int(m) for m in RESUMED.findall("".join(job.text))]
-    outcomes.append(dict(point="end", resumed_at=resumed[0] if resumed else 0))
+    outcomes.append(dict(point="end", resumed_at=resumed_at(job)))
     print("\n".join(map(str, outcomes)))
 
     kills = [o for o in outcomes if o.get("killed")]
     assert len(kills) >= 9, outcomes
     # Every restart resumed from the newest finished checkpoint left by the kill before it,
     # never from a half-written one (which restore would fail on, or worse, read).
-    for before, after in zip(outcomes, outcomes[1:]):
-        if before.get("killed"):
-            assert after["resumed_at"] == max(before["finished"], default=0), outcomes
+    restarts = [(before, after) for before, after in zip(outcomes, outcomes[1:])
+                if before.get("killed") and after["resumed_at"] is not None]
+    assert len(restarts) >= 6, outcomes
+    for before, after in restarts:
+        assert after["resumed_at"] == max(before["finished"], default=0), outcomes
     # Some kills did land in the middle of a checkpoint write.
     assert any(o["unfinished"] for o in kills), outcomes
     # Some restarts redid steps that had run but not been checkpointed (the data position replays).
@@ -194,8 +213,12 @@ def test_sigkill_at_random_points_resumes_exactly(tmp_path, tiny_cls_checkpoint,
     assert [e["dataset"] for e in found] == [e["dataset"] for e in expected]
     np.testing.assert_allclose([e["loss"] for e in found], [e["loss"] for e in expected], rtol=0, atol=1e-6)
     # The same final parameters.
-    for a, b in zip(jax.tree.leaves(exported_params(workdir)), jax.tree.leaves(exported_params(reference))):
+    pairs = list(zip(jax.tree.leaves(exported_params(workdir)), jax.tree.leaves(exported_params(reference))))
+    for a, b in pairs:
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    print(f"{len(kills)} SIGKILLs, {len(restarts)} resumes checked; max |difference| to the uninterrupted run: "
+          f"losses {max(abs(e['loss'] - x['loss']) for e, x in zip(found, expected)):.3g}, "
+          f"parameters {max(float(np.abs(a - b).max()) for a, b in pairs):.3g}")
     report = json.loads((workdir / "train_report.json").read_text())
     assert report["steps"] == NUM_STEPS and report["nonfinite_steps"] == 0
 
@@ -264,7 +287,7 @@ def test_nan_with_skip_completes_and_counts(tmp_path, monkeypatch, tiny_cls_chec
 
 
 def test_update_that_overflows_the_weights_is_skipped(tiny_cls_checkpoint, docstring_jsonl):
-    """A finite loss and gradient whose update is not finite (a learning rate of 1e39 → inf in float32)."""
+    """A finite loss and gradient whose update is not finite (here an infinite learning rate)."""
     import optax
     from llm_embedder_jax import Embedder, sharding
     from llm_embedder_jax.data import pipeline
@@ -273,7 +296,7 @@ def test_update_that_overflows_the_weights_is_skipped(tiny_cls_checkpoint, docst
         [dict(path=str(docstring_jsonl), task="qa")], tokenizer=model.tokenizer, global_batch_size=8, group_size=4,
         query_max_len=32, key_max_len=48, seed=0))
     mesh = sharding.make_mesh()
-    tx = optax.sgd(1e39)
+    tx = optax.sgd(float("inf"))
     state = jax.device_put(train.init_state(model.params, tx), sharding.replicated(mesh))
     before = jax.device_get(state)
     arrays = sharding.global_batch(mesh, {k: batch[k] for k in
@@ -304,7 +327,7 @@ def tiny_llm(tmp_path_factory, minilm_dir):
     return folder
 
 
-NUM_RECORDS = 12
+NUM_RECORDS = 40
 
 
 def test_score_sigkill_at_random_points_loses_and_repeats_nothing(tmp_path, tiny_llm, real_texts, job_env):
@@ -316,34 +339,33 @@ def test_score_sigkill_at_random_points_loses_and_repeats_nothing(tmp_path, tiny
                             f"--config.inputs=('{data}',)", f"--config.llm={tiny_llm}", "--config.max_candidates=2",
                             "--config.shard_size=1", "--config.batch_size=8", "--config.key_max_tokens=32"]
     reference = tmp_path / "reference"
-    job = Job(args(reference), job_env, None)
+    job = Job(args(reference), job_env)
     assert job.finish() == 0, job.tail()
 
     workdir = tmp_path / "killed"
     shards = workdir / "shards" / "qa"
-    kills, resumes, runs = [], 0, 0
+    done = lambda: len(list(shards.glob("0*.jsonl")))
+    kills = []  # (shards done before, after)
     while True:
-        runs += 1
-        job = Job(args(workdir), job_env, None)
-        done = len(list(shards.glob("0*.jsonl")))
-        # Kill once a random number of further shards is written (or at once: while loading), plus a delay.
-        target = done + rng.choice([0, 1, 1, 2, 3])
-        deadline = time.time() + 240
-        while len(list(shards.glob("0*.jsonl"))) < target and job.proc.poll() is None and time.time() < deadline:
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 0.3))
-        if len(kills) == 6 or not job.kill():
+        job = Job(args(workdir), job_env)
+        if len(kills) == 6:
             break
-        finished = sorted(shards.glob("0*.jsonl"))
-        kills.append(len(finished))
-        # Every shard on disk is whole: its records, once each, in order.
-        for path in finished:
+        before = done()
+        # Kill once a random number of further shards is written (0: while loading), plus a random delay.
+        target = before + rng.choice([0, 1, 2, 3])
+        deadline = time.time() + 240
+        while done() < target and job.proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.1))
+        if not job.kill():
+            break
+        kills.append((before, done()))
+        # Every shard on disk is whole: its record, once, in order.
+        for path in sorted(shards.glob("0*.jsonl")):
             assert [e["i"] for e in map(json.loads, path.read_text().splitlines())] == [int(path.name[:5])]
-        resumes += "resuming" in "".join(job.text)
     assert job.finish() == 0, job.tail()
-    resumes += "resuming" in "".join(job.text)
-    print(f"{runs} runs, kills with 0..{NUM_RECORDS} shards done: {kills}, {resumes} resumed")
-    assert len(kills) >= 4, kills
+    print(f"SIGKILLs (shards done before, after): {kills}")
+    assert len(kills) >= 5 and any(after > before > 0 for before, after in kills), kills  # resumed mid-file
     assert (workdir / "qa.jsonl").read_bytes() == (reference / "qa.jsonl").read_bytes()
     outputs = [json.loads(line) for line in (workdir / "qa.jsonl").read_text().splitlines()]
     assert [o["query"] for o in outputs] == [json.loads(line)["query"] for line in data.read_text().splitlines()]
@@ -351,3 +373,47 @@ def test_score_sigkill_at_random_points_loses_and_repeats_nothing(tmp_path, tiny
     assert not list(shards.glob(".*tmp*"))
     report = json.loads((workdir / "score_report.json").read_text())
     assert report["skipped"] == 0 and list(report["files"].values())[0]["scored"] == NUM_RECORDS
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+WRITER = """
+import sys
+from llm_embedder_jax import atomic
+target, kind = sys.argv[1], sys.argv[2]
+chunk = b"new" * (1 << 20)
+if kind == "file":
+    with atomic.atomic_file(target, "wb") as f:
+        for i in range(200):
+            f.write(chunk)
+            f.flush()
+            print("writing", flush=True)
+else:
+    with atomic.atomic_dir(target) as tmp:
+        for i in range(200):
+            (tmp / f"part{i}").write_bytes(chunk)
+            print("writing", flush=True)
+"""
+
+
+@pytest.mark.parametrize("kind", ["file", "dir"])
+def test_sigkill_mid_atomic_write_keeps_the_old_version(tmp_path, kind):
+    """Reports and exports go through `atomic`: killed mid-write, the old file or folder is intact."""
+    target = tmp_path / ("report.json" if kind == "file" else "export")
+    if kind == "file":
+        target.write_text('{"old": true}')
+    else:
+        target.mkdir()
+        (target / "config.json").write_text('{"old": true}')
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target), kind], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    for _ in range(3):  # a few chunks into the write
+        assert proc.stdout.readline() == "writing\n"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if kind == "file":
+        assert json.loads(target.read_text()) == {"old": True}
+    else:
+        assert [p.name for p in target.iterdir()] == ["config.json"]
+    # The temporary sibling is left behind (a kill runs no cleanup), never under the target's name.
+    assert [p.name.startswith(f".{target.name}.tmp-") for p in tmp_path.iterdir() if p != target] == [True]

@@ -45,8 +45,9 @@ def test_two_processes_train_like_one(tmp_path, tiny_cls_checkpoint, docstring_j
     # float64 compute: what is compared is what splitting over processes changes, not float32 rounding
     # (see test_train.test_eight_devices_equal_one), while the weights and Adam stay float32.
     settings = dict(num_steps=4, dtype="float64")
-    launch(tmp_path, "two", ["--mode=train", f"--config={config_file(tmp_path, tiny_cls_checkpoint, docstring_jsonl, **settings)}",
-                             f"--workdir={tmp_path / 'two'}"], env=["JAX_ENABLE_X64=1"])
+    config = config_file(tmp_path, tiny_cls_checkpoint, docstring_jsonl, **settings)
+    launch(tmp_path, "two", ["--mode=train", f"--config={config}", f"--workdir={tmp_path / 'two'}"],
+           env=["JAX_ENABLE_X64=1"])
     with jax.enable_x64(True):
         train.train_and_evaluate(train_config(tiny_cls_checkpoint, docstring_jsonl, **settings), tmp_path / "one")
 
@@ -71,8 +72,8 @@ def test_two_processes_score_like_one(tmp_path, smollm2_gguf, docstring_jsonl):
     data.parent.mkdir()
     data.write_text("".join(docstring_jsonl.read_text().splitlines(keepends=True)[:4]))
     overrides = dict(max_candidates=2, shard_size=2, batch_size=4)
-    launch(tmp_path, "two", ["--mode=score", f"--config={ROOT / 'configs' / 'score.py'}", f"--workdir={tmp_path / 'two'}",
-                             f"--config.inputs=('{data}',)",
+    launch(tmp_path, "two", ["--mode=score", f"--config={ROOT / 'configs' / 'score.py'}",
+                             f"--workdir={tmp_path / 'two'}", f"--config.inputs=('{data}',)",
                              *(f"--config.{k}={v}" for k, v in overrides.items()), "--config.key_max_tokens=48"])
     lm = RewardLM.from_pretrained(smollm2_gguf, mesh=sharding.make_mesh())
     score.score_files(score_config(data, **overrides), tmp_path / "one", lm=lm)

@@ -197,8 +197,10 @@ def test_tiny_config_trains_on_toy_files(tmp_path, toy_dir):
     for entry in report["losses"]:
         by_task.setdefault(entry["task"], []).append(entry["loss"])
     assert set(by_task) == set(llm_embedder.RECIPE)        # all six tasks were trained
-    for task, values in by_task.items():
-        assert values[-1] < values[0], (task, values)       # each task's loss fell
+    losses = [entry["loss"] for entry in report["losses"]]
+    quarter = len(losses) // 4
+    # The loss falls: the last quarter of steps averages well under the first (the same task mix).
+    assert np.mean(losses[-quarter:]) < 0.5 * np.mean(losses[:quarter]), losses
     assert list((tmp_path / "tiny" / "tensorboard").glob("events.out.tfevents.*"))
     assert set(report["eval_mrr@10"]) == {"chat", "icl"}
     vectors = Embedder.from_pretrained(export_dir).encode(["a question"], kind="query", task="qa")

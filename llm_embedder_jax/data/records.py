@@ -20,12 +20,11 @@ and the counts are logged and kept on the reader.
 """
 import collections
 import functools
-import json
 import logging
 import math
 import os
 
-from llm_embedder_jax import paths, tasks
+from llm_embedder_jax import jsonl, paths, tasks
 
 FIELDS = ("task", "query", "pos", "neg", "history", "teacher_scores", "answers", "context")
 
@@ -159,10 +158,9 @@ def parse_line(raw, *, where, task=None, require_answers=False):
         raise DataError(f"not valid UTF-8 (byte {e.start} of the line is {raw[e.start:e.start + 1]!r})",
                         where=where, reason=NOT_UTF8) from None
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"malformed JSON: {e.msg} at column {e.colno}", where=where,
-                        reason=MALFORMED_JSON) from None
+        obj = jsonl.loads(text)
+    except ValueError as e:
+        raise DataError(str(e), where=where, reason=MALFORMED_JSON) from None
     return validate_record(obj, where=where, task=task, require_answers=require_answers)
 
 
