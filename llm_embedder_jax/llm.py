@@ -30,7 +30,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from llm_embedder_jax import buckets, safetensors_io
+from llm_embedder_jax import buckets, encoder, safetensors_io
 from llm_embedder_jax import sharding as sharding_lib
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
@@ -574,11 +574,9 @@ class RewardLM:
         self.eos_ids = tuple(eos_ids) if eos_ids is not None else _eos_ids(tokenizer)
         self._data_size = mesh.shape["data"] if mesh is not None else 1
         dtype = jax.tree.leaves(self.params)[0].dtype
-        # cuDNN flash attention needs half precision and heads that are not split over "model".
-        use_cudnn = (jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
-                     and config.head_dim % 8 == 0 and config.head_dim <= 128
-                     and (mesh is None or mesh.shape["model"] == 1))
-        impl = "cudnn" if use_cudnn else "xla"
+        # cuDNN flash attention also needs heads that are not split over "model".
+        heads_whole = mesh is None or mesh.shape["model"] == 1
+        impl = encoder.attention_impl(dtype, config.head_dim) if heads_whole else "xla"
         out = None if mesh is None else sharding_lib.replicated(mesh)
         self._score = jax.jit(
             functools.partial(answer_logprob, config=config, attention_impl=impl),

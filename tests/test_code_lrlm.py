@@ -36,7 +36,8 @@ def source(tmp_path):
 
 
 def settings(source, **overrides):
-    fields = dict(source=str(source), chunk_tokens=CHUNK, context_chunks=1, min_candidates=2, max_candidates=3,
+    fields = dict(source=str(source), chunk_tokens=CHUNK, context_chunks=1, gap_chunks=1, min_candidates=2,
+                  max_candidates=3,
                   max_samples_per_file=3, max_files=0, validation_fraction=0.0, test_fraction=0.3)
     fields.update(overrides)
     return code_lrlm.CodeLrlmSettings(**fields)
@@ -70,7 +71,8 @@ def test_a_sample_is_its_files_chunks_with_the_nearest_earlier_ones_as_candidate
         i = record["chunk"]
         assert record["query"] == chunks[i] and record["answers"] == [chunks[i + 1]]
         assert record["context"] == chunks[i - 1]  # context_chunks = 1
-        assert record["neg"] == chunks[max(0, i - 1 - 3):i - 1]  # the nearest earlier ones, in file order
+        # The nearest earlier ones short of the gap (chunk i - 2), in file order.
+        assert record["neg"] == chunks[max(0, i - 2 - 3):i - 2]
         assert 2 <= len(record["neg"]) <= 3 and record["pos"] == [] and record["task"] == "lrlm"
     per_file = {}
     for record in samples:
@@ -127,11 +129,11 @@ def test_the_score_job_reads_each_candidates_true_continuation(source, tokenizer
                                         config=score_config.get_config())
         record = json.loads(raw)
         chunks = code_lrlm.chunk_text((source / record["file"]).read_text(), tokenizer, chunk_tokens=CHUNK)
-        first = record["chunk"] - 1 - len(record["neg"])
-        assert list(example.keys) == chunks[first:record["chunk"] - 1]
-        # Each candidate but the last is followed by the chunk that follows it in the file; the last
-        # one's follower is the context, which the prompt carries anyway.
-        assert list(example.continuations[:-1]) == chunks[first + 1:record["chunk"] - 1]
+        end = record["chunk"] - 2  # context chunk i-1, gap chunk i-2
+        first = end - len(record["neg"])
+        assert list(example.keys) == chunks[first:end]
+        # Each candidate but the last is followed by the chunk that follows it in the file.
+        assert list(example.continuations[:-1]) == chunks[first + 1:end]
         assert example.continuations[-1] == "" and example.context == chunks[record["chunk"] - 1]
         checked += 1
     assert checked

@@ -188,3 +188,35 @@ def test_remat_does_not_change_gradients(tiny_cls_checkpoint):
         rematted = jax.grad(loss)(params, policy)
         for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(rematted)):
             np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.skipif(__import__("jax").default_backend() != "gpu",
+                    reason="cuDNN fused attention needs a GPU (run with JAX_PLATFORMS=cuda)")
+def test_fused_attention_matches_xla_on_gpu(monkeypatch):
+    import jax
+    import jax.numpy as jnp
+    config = encoder.EncoderConfig(vocab_size=1000, hidden_size=256, num_layers=2, num_heads=4,
+                                   intermediate_size=512, pooling="mean")
+    params = encoder.init_params(jax.random.PRNGKey(0), config)
+    lengths = np.array([0, 1, 7, 33, 64, 128])  # an all-padding filler row included
+    ids = np.random.default_rng(0).integers(1, 1000, (len(lengths), 128))
+    mask = (np.arange(128)[None] < lengths[:, None]).astype(np.int32)
+    ids = jnp.asarray(ids * mask)
+
+    direction = jax.random.normal(jax.random.PRNGKey(1), (len(lengths) - 1, config.hidden_size))
+
+    def embeddings_and_grads():
+        embed = lambda p: encoder.embed(p, ids, mask, config=config, dtype=jnp.bfloat16)
+        loss = lambda p: (embed(p)[1:] * direction).sum()
+        return jax.jit(embed)(params), jax.jit(jax.grad(loss))(params)
+
+    assert encoder.attention_impl(jnp.bfloat16, config.head_dim) == "cudnn"
+    fused, fused_grads = embeddings_and_grads()
+    monkeypatch.setattr(encoder, "attention_impl", lambda dtype, head_dim: "xla")
+    xla, xla_grads = embeddings_and_grads()
+    assert np.isfinite(np.asarray(fused)).all()
+    np.testing.assert_allclose(np.asarray(fused)[1:], np.asarray(xla)[1:], atol=2e-2)
+    for a, b in zip(jax.tree.leaves(fused_grads), jax.tree.leaves(xla_grads)):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.isfinite(a).all()
+        assert np.abs(a - b).max() <= 5e-2 * np.abs(b).max() + 1e-6

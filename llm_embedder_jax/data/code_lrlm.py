@@ -5,16 +5,23 @@ tokenizer). A sample at chunk i of a file is, in the released lrlm format:
 
     query    chunk i                      answers  [chunk i+1]
     context  chunks i-c .. i-1            pos      []
-    neg      chunks i-c-m .. i-c-1        task     "lrlm"
-             (the candidates, in file order)
+    neg      chunks e-m .. e-1            task     "lrlm"
+             (the candidates, in file order; e = i-c-g)
 
-with c = `context_chunks` and m = `max_candidates` (0 = every earlier chunk).
-The candidates are the *nearest* earlier chunks and stay consecutive, because
-the lrlm reward prompt (`tasks.REWARD_TEMPLATES`, `score.parse_record`) follows
-candidate j with candidate j+1 as its continuation: that holds only for a run
-of consecutive chunks. The last candidate's real continuation is the first
-context chunk (or the query), which the prompt brings anyway. `file` and
-`chunk` (i) say where a sample comes from; readers ignore them.
+with c = `context_chunks`, g = `gap_chunks` and m = `max_candidates` (0 =
+every earlier chunk). The candidates are the nearest earlier chunks short of
+the gap and stay consecutive, because the lrlm reward prompt
+(`tasks.REWARD_TEMPLATES`, `score.parse_record`) follows candidate j with
+candidate j+1 as its continuation: that holds only for a run of consecutive
+chunks. The last candidate gets no continuation.
+
+Why a gap: without one, the last candidate runs straight into the context
+(its real continuation is the context), and the one before it brings two
+chunks that do: on the standard library those two win on contiguity alone,
+whatever they say, and an encoder that reads one chunk cannot see where it
+sits. With g >= 1 every candidate is text from further back, and what it is
+worth to the LLM depends on what it says. `file` and `chunk` (i) say where a
+sample comes from; readers ignore them.
 
 Chunks are cut from the original text at the character where token k·L starts
 (`chunk_tokens` = L), so they are exact substrings, they join back into the
@@ -67,6 +74,7 @@ class CodeLrlmSettings:
     exclude_dirs: tuple = DEFAULT_EXCLUDE_DIRS  # path components that leave a file out
     chunk_tokens: int = 64  # LLM tokens per chunk
     context_chunks: int = 1  # chunks right before the query given as `context` (never candidates)
+    gap_chunks: int = 1  # chunks between the candidates and the context, in neither (see the module doc)
     min_candidates: int = 2  # a query position needs at least this many earlier chunks as candidates
     max_candidates: int = 8  # nearest earlier chunks offered as candidates (0 = all)
     max_samples_per_file: int = 4  # query positions per file, spread evenly (0 = every position)
@@ -78,9 +86,9 @@ class CodeLrlmSettings:
     max_file_bytes: int = 1 << 20
 
     def __post_init__(self):
-        if self.chunk_tokens < 1 or self.context_chunks < 0 or self.min_candidates < 1:
+        if self.chunk_tokens < 1 or min(self.context_chunks, self.gap_chunks) < 0 or self.min_candidates < 1:
             raise ValueError(f"chunk_tokens={self.chunk_tokens} and min_candidates={self.min_candidates} must be "
-                             f">= 1, context_chunks={self.context_chunks} >= 0")
+                             f">= 1, context_chunks={self.context_chunks} and gap_chunks={self.gap_chunks} >= 0")
         if min(self.max_candidates, self.max_samples_per_file, self.max_files, self.max_file_bytes) < 0:
             raise ValueError("max_candidates, max_samples_per_file, max_files and max_file_bytes must be >= 0 "
                              "(0 = no cap)")
@@ -154,7 +162,7 @@ def chunk_text(text, tokenizer, *, chunk_tokens):
 
 def query_positions(num_chunks, settings):
     """The chunk indices used as queries: evenly spread over the valid range, ascending."""
-    first = settings.context_chunks + settings.min_candidates
+    first = settings.context_chunks + settings.gap_chunks + settings.min_candidates
     last = num_chunks - 2  # the answer is the chunk after the query
     if last < first:
         return []
@@ -172,10 +180,11 @@ def file_samples(chunks, relative_path, settings, counts):
         if not query.strip() or not answer.strip():
             counts[BLANK] += 1
             continue
-        end = i - settings.context_chunks
+        end = i - settings.context_chunks - settings.gap_chunks
         start = max(0, end - settings.max_candidates) if settings.max_candidates else 0
         records.append({"query": query, "answers": [answer], "pos": [], "neg": chunks[start:end],
-                        "context": "".join(chunks[end:i]), "task": "lrlm", "file": relative_path, "chunk": i})
+                        "context": "".join(chunks[i - settings.context_chunks:i]), "task": "lrlm",
+                        "file": relative_path, "chunk": i})
     return records
 
 
