@@ -80,7 +80,8 @@ def data_settings(config, split):
     return code_lrlm.CodeLrlmSettings(
         source=config.data.source, pattern=config.data.pattern, exclude_dirs=tuple(config.data.exclude_dirs),
         chunk_tokens=config.data.chunk_tokens, context_chunks=config.data.context_chunks,
-        min_candidates=config.data.min_candidates, max_candidates=caps.max_candidates,
+        gap_chunks=config.data.gap_chunks,
+        min_candidates=caps.min_candidates, max_candidates=caps.max_candidates,
         max_samples_per_file=caps.max_samples_per_file, max_files=caps.max_files,
         validation_fraction=config.data.validation_fraction, test_fraction=config.data.test_fraction)
 

@@ -171,3 +171,14 @@ def test_tfds_builder_matches_the_jsonl_generation(source, tokenizer, tmp_path):
 def report_samples(directory, split):
     import tensorflow_datasets as tfds
     return tfds.builder_from_directory(str(directory)).info.metadata[split]["samples"]
+
+
+def test_query_positions_sit_mid_part_and_leave_room_for_candidates(source):
+    # First valid query: 1 context + 1 gap + min_candidates earlier chunks; last: one chunk before the end.
+    config = settings(source, min_candidates=3, max_samples_per_file=1)
+    assert code_lrlm.query_positions(25, config) == [14]  # valid 5..23: the middle, not the first
+    spread = code_lrlm.query_positions(25, settings(source, min_candidates=3, max_samples_per_file=4))
+    assert spread == [7, 12, 16, 21]  # the middles of four equal parts of 5..23
+    assert code_lrlm.query_positions(25, settings(source, min_candidates=3, max_samples_per_file=0)) == \
+        list(range(5, 24))
+    assert code_lrlm.query_positions(6, settings(source, min_candidates=3)) == []  # 5 > 6 - 2

@@ -161,15 +161,20 @@ def chunk_text(text, tokenizer, *, chunk_tokens):
 
 
 def query_positions(num_chunks, settings):
-    """The chunk indices used as queries: evenly spread over the valid range, ascending."""
+    """The chunk indices used as queries, ascending: every valid one, or n at the middles of n equal parts.
+
+    Middles rather than both ends, so a single sample per file sits mid-file
+    rather than at its first valid chunk (the one with the fewest candidates).
+    """
     first = settings.context_chunks + settings.gap_chunks + settings.min_candidates
     last = num_chunks - 2  # the answer is the chunk after the query
     if last < first:
         return []
-    positions = np.arange(first, last + 1)
-    if settings.max_samples_per_file and len(positions) > settings.max_samples_per_file:
-        positions = np.unique(np.round(np.linspace(first, last, settings.max_samples_per_file)).astype(int))
-    return [int(p) for p in positions]
+    n = settings.max_samples_per_file
+    if not n or last - first + 1 <= n:
+        return list(range(first, last + 1))
+    middles = first + (np.arange(n) + 0.5) * (last - first + 1) / n
+    return [int(p) for p in np.unique(np.floor(middles).astype(int))]
 
 
 def file_samples(chunks, relative_path, settings, counts):
