@@ -1,6 +1,6 @@
 """The default config of main.py: score → train → evaluate → export on real source code.
 
-  python main.py --workdir=runs/demo                                   # the standard library, CPU, ~20 min
+  python main.py --workdir=runs/demo                                   # the standard library, 2-core CPU, ~15 min
   python main.py --workdir=runs/demo --config.seeds=3                  # + two more training seeds
   python main.py --config=configs/demo.py:quick --workdir=runs/quick   # about a minute (CI)
   python main.py --config=configs/demo.py:full --workdir=runs/full     # one GPU
@@ -57,8 +57,8 @@ def get_config(arg=None):
     # the LLM on files it has not seen.
     config.data.train = ml_collections.ConfigDict(dict(max_files=0, max_samples_per_file=1, min_candidates=8,
                                                        max_candidates=8))
-    config.data.test = ml_collections.ConfigDict(dict(max_files=0, max_samples_per_file=4, min_candidates=8,
-                                                      max_candidates=16))
+    config.data.test = ml_collections.ConfigDict(dict(max_files=0, max_samples_per_file=8, min_candidates=8,
+                                                      max_candidates=8))
 
     # --- teacher scores of the train split (score.py); its LLM also measures the perplexities ---
     config.score = score.get_config("rank" if "rank" in variants else "toy")

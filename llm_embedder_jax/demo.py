@@ -221,7 +221,9 @@ def run_demo(config, workdir):
     data_report = stages.run("data", data_key, lambda: make_data(config, data_dir))
 
     scoring = score_config(config, data_dir)
-    score_key = {"data": data_key, "score": _plain({k: v for k, v in scoring.items() if k != "workdir"})}
+    # Only the train split is scored: a change to the test split leaves the scores and the training.
+    train_data_key = {k: v for k, v in data_key.items() if k != "test"}
+    score_key = {"data": train_data_key, "score": _plain({k: v for k, v in scoring.items() if k != "workdir"})}
     stages.run("score", score_key, lambda: score.score_files(scoring, score_dir, lm=reward_lm()))
 
     seeds = [config.train.seed + i for i in range(config.seeds)]
