@@ -29,10 +29,3 @@ def global_batch(mesh, host_batch):
     sharding = data_sharded(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), host_batch)
 
-
-def check_divisible(global_rows, mesh, what="batch"):
-    n = mesh.shape["data"]
-    if global_rows % n:
-        raise ValueError(
-            f"{what} of {global_rows} rows does not divide over {n} data-parallel devices; "
-            f"use a multiple of {n}")

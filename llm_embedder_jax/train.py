@@ -275,9 +275,6 @@ def train_and_evaluate(config, workdir):
     validation.validate(config, "train")
     workdir = paths.as_path(workdir)
     mesh = sharding.make_mesh(model_parallel=config.model_parallel)
-    sharding.check_divisible(config.global_batch_size, mesh, "config.global_batch_size")
-    if config.gradcache_chunk:
-        sharding.check_divisible(config.gradcache_chunk, mesh, "config.gradcache_chunk")
     embedder = export.Embedder.from_pretrained(config.model or assets.minilm_dir(), dtype=config.dtype)
     tx, schedule = make_optimizer(config)
     replicated = sharding.replicated(mesh)
