@@ -156,11 +156,11 @@ def summarize(rows, *, baseline="untrained"):
     if baseline in rows and TRAINED in rows:
         reference = np.asarray(rows[baseline][0]["logliks"])
         per_seed = [np.asarray(r["logliks"]) - reference for r in rows[TRAINED]]
-        gain, se = _mean_and_se(np.mean(per_seed, axis=0))
+        per_sample = np.mean(per_seed, axis=0)
+        gain, se = _mean_and_se(per_sample)
         summary[TRAINED][f"gain_vs_{baseline}"] = {
             "loglik": gain, "se": se, "per_seed": [float(g.mean()) for g in per_seed],
-            "samples_better": float(np.mean(np.mean(per_seed, axis=0) > 0)),
-            "samples_worse": float(np.mean(np.mean(per_seed, axis=0) < 0))}
+            "samples_better": float(np.mean(per_sample > 0)), "samples_worse": float(np.mean(per_sample < 0))}
     return summary
 
 
