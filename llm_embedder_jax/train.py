@@ -21,7 +21,7 @@ import optax
 from llm_embedder_jax import atomic, encoder, export, gradcache, losses, paths, sharding, tasks
 
 TASK_INDEX = {task: i for i, task in enumerate(tasks.TASKS)}
-STEP_LOG = "metrics.jsonl"  # in the workdir: one JSON line per step, kept across restarts
+STEP_LOG = "metrics"  # in the workdir: one JSON line per step across restarts, a file per checkpoint interval
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,18 +250,35 @@ def _restore(manager, abstract_state):
     return restored["state"], restored["data"]
 
 
-def _read_step_log(path, step):
-    """The per-step log's entries up to `step`: a resumed run redoes the later ones."""
-    if not path.exists():
-        return []
-    return [entry for entry in map(json.loads, path.read_text().splitlines()) if entry["step"] <= step]
+def _step_log_parts(folder):
+    """The step log's files, by their first step: each is named after it."""
+    return sorted((int(part.stem), part) for part in folder.glob("*.jsonl")) if folder.exists() else []
 
 
-def _write_step_log(path, entries):
-    # Rewritten whole and atomically (object stores cannot append); at each checkpoint and when the
-    # loop ends, so a crash loses only steps that the resumed run redoes.
-    with atomic.atomic_file(path) as f:
-        f.writelines(json.dumps(entry) + "\n" for entry in entries)
+def read_step_log(workdir):
+    """Every step's entry logged in `workdir` (train loss, grad norm, dataset), in step order."""
+    return [json.loads(line) for _, part in _step_log_parts(paths.as_path(workdir) / STEP_LOG)
+            for line in part.read_text().splitlines()]
+
+
+def _cut_step_log(folder, step):
+    """Drops the entries after `step`: a resumed run redoes those steps."""
+    for first, part in _step_log_parts(folder):
+        if first > step:
+            part.unlink()
+        else:
+            entries = [json.loads(line) for line in part.read_text().splitlines()]
+            if entries and entries[-1]["step"] > step:
+                _write_step_log(folder, [e for e in entries if e["step"] <= step])
+
+
+def _write_step_log(folder, entries):
+    # One file per flush (each checkpoint, and the end of the loop), written whole and atomically
+    # (object stores cannot append): the I/O stays linear in the run length, and a crash loses
+    # only steps that the resumed run redoes.
+    if entries:
+        with atomic.atomic_file(folder / f"{entries[0]['step']:09d}.jsonl") as f:
+            f.writelines(json.dumps(entry) + "\n" for entry in entries)
 
 
 def train_and_evaluate(config, workdir):
@@ -296,8 +313,11 @@ def train_and_evaluate(config, workdir):
     writer = SummaryWriter(str(workdir / "tensorboard")) if jax.process_index() == 0 else None
     preemption = _Preemption()
     step = int(state["step"])
-    # Every step's loss across restarts (train_report.json has only this invocation's).
-    step_log = _read_step_log(workdir / STEP_LOG, step) if jax.process_index() == 0 else None
+    # Every step's loss across restarts (train_report.json has only this invocation's): the
+    # entries since the last flush to workdir/STEP_LOG.
+    step_log = [] if jax.process_index() == 0 else None
+    if step_log is not None:
+        _cut_step_log(workdir / STEP_LOG, step)
     progress = tqdm(total=config.num_steps, initial=step, desc="train", unit="step",
                     disable=jax.process_index() != 0)
     window = {"loss": {}, "examples": 0, "start": time.perf_counter()}
@@ -354,6 +374,7 @@ def train_and_evaluate(config, workdir):
                 _save(manager, state, iterator)
                 if step_log is not None:
                     _write_step_log(workdir / STEP_LOG, step_log)
+                    step_log.clear()
             if config.eval_every and step % config.eval_every == 0 and eval_sets:
                 _write_scalars(writer, {f"eval/mrr@10/{k}": v for k, v in
                                         rerank_eval(embedder.with_params(state["params"]), eval_sets,

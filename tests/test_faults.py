@@ -118,10 +118,6 @@ def checkpoint_dirs(workdir):
     return sorted(int(n) for n in names if n.isdigit()), sorted(n for n in names if "orbax-checkpoint-tmp" in n)
 
 
-def read_step_log(workdir):
-    return [json.loads(line) for line in (workdir / train.STEP_LOG).read_text().splitlines()]
-
-
 def exported_params(workdir):
     _, params, _ = encoder.load_hf(workdir / "export")
     return params
@@ -178,7 +174,7 @@ def test_sigkill_at_random_points_resumes_exactly(tmp_path, tiny_cls_checkpoint,
         # Whatever the kill interrupted, the files it left are whole: the step log parses, steps in
         # order from 1; an export folder loads; a report parses.
         if (workdir / train.STEP_LOG).exists():
-            entries = read_step_log(workdir)
+            entries = train.read_step_log(workdir)
             assert [e["step"] for e in entries] == list(range(1, len(entries) + 1))
         if (workdir / "export").exists():
             exported_params(workdir)
@@ -208,7 +204,7 @@ def test_sigkill_at_random_points_resumes_exactly(tmp_path, tiny_cls_checkpoint,
     assert checkpoint_dirs(workdir)[1] == []  # temporary folders of killed saves are cleaned up
 
     # The same steps, each logged once, with the same losses as the uninterrupted run.
-    expected, found = read_step_log(reference), read_step_log(workdir)
+    expected, found = train.read_step_log(reference), train.read_step_log(workdir)
     assert [e["step"] for e in found] == list(range(1, NUM_STEPS + 1))
     assert [e["dataset"] for e in found] == [e["dataset"] for e in expected]
     np.testing.assert_allclose([e["loss"] for e in found], [e["loss"] for e in expected], rtol=0, atol=1e-6)
@@ -261,7 +257,7 @@ def test_nan_with_stop_never_reaches_a_checkpoint_or_export(tmp_path, monkeypatc
     assert sorted(checkpoints) == [1, 2]  # step 2's save was in flight at the NaN: it completed
     assert all(all_finite(state) for state in checkpoints.values())
     assert not (tmp_path / "export").exists() and not (tmp_path / "train_report.json").exists()
-    log = read_step_log(tmp_path)
+    log = train.read_step_log(tmp_path)
     assert [(e["step"], e["finite"]) for e in log] == [(1, True), (2, True), (3, False)]
     assert log[-1]["loss"] is None
 
@@ -275,7 +271,7 @@ def test_nan_with_skip_completes_and_counts(tmp_path, monkeypatch, tiny_cls_chec
     report = json.loads((tmp_path / "train_report.json").read_text())
     assert report["steps"] == 5 and report["nonfinite_steps"] == 2
     assert [e["step"] for e in report["losses"]] == [1, 3, 5]
-    assert [e["finite"] for e in read_step_log(tmp_path)] == [True, False, True, False, True]
+    assert [e["finite"] for e in train.read_step_log(tmp_path)] == [True, False, True, False, True]
     checkpoints = restored_checkpoints(tmp_path)
     assert all(all_finite(state) for state in checkpoints.values())
     # A skipped step leaves the weights and optimizer moments exactly as they were.

@@ -145,6 +145,12 @@ def test_resume_after_stop_equals_uninterrupted(tmp_path, tiny_cls_checkpoint, d
     full_report = json.loads((full / "train_report.json").read_text())
     staged_report = json.loads((staged / "train_report.json").read_text())
     assert [h["step"] for h in staged_report["losses"]] == [4, 5, 6]
+    # The step log spans both invocations, each step once, a file per checkpoint interval.
+    staged_log = train.read_step_log(staged)
+    assert [e["step"] for e in staged_log] == list(range(1, 7))
+    np.testing.assert_allclose([e["loss"] for e in staged_log], [h["loss"] for h in full_report["losses"]],
+                               atol=1e-6)
+    assert len(list((staged / train.STEP_LOG).glob("*.jsonl"))) >= 3
     np.testing.assert_allclose([h["loss"] for h in staged_report["losses"]],
                                [h["loss"] for h in full_report["losses"][3:]], atol=1e-6)
     for a, b in zip(jax.tree.leaves(final_params(full)), jax.tree.leaves(final_params(staged))):
