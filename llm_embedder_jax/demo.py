@@ -111,6 +111,8 @@ def train_config(config, score_dir, seed, export_dir):
     train.data_dir = str(score_dir)
     train.seed = seed
     train.export_dir = str(export_dir)
+    for dataset in train.datasets:
+        dataset.settings.key_with_continuation = config.key_with_continuation
     return train
 
 
@@ -125,7 +127,8 @@ def evaluate_row(spec, *, examples, lm, config, mesh):
     from llm_embedder_jax import evaluate, search
     retriever = search.build_retriever(spec, config.eval, mesh=mesh)
     options = evaluate.LMOptions(key_max_tokens=config.eval.key_max_tokens, batch_size=config.eval.batch_size,
-                                 max_length=config.eval.max_length, per_example=True)
+                                 max_length=config.eval.max_length, per_example=True,
+                                 key_with_continuation=config.key_with_continuation)
     return evaluate.evaluate_task(examples, retriever, lm, k=config.eval.k, ks=(1,), options=options)
 
 
@@ -239,7 +242,7 @@ def run_demo(config, workdir):
 
     examples = read_test_examples(data_dir / "test.jsonl")
     mesh = sharding.make_mesh()
-    eval_key = {"data": data_key, "eval": _plain(config.eval), "llm": _plain(
+    eval_key = {"data": data_key, "eval": _plain(config.eval), "keys": config.key_with_continuation, "llm": _plain(
         {k: config.score[k] for k in ("llm", "dtype")})}
     rows = {}
     for spec in config.eval.retrievers:

@@ -29,7 +29,7 @@ import pathlib
 import jax
 import numpy as np
 
-from llm_embedder_jax import atomic, paths, rewards, search
+from llm_embedder_jax import atomic, paths, rewards, search, tasks
 from llm_embedder_jax.metrics import check_ks, contains_answer, exact_match, rerank_metrics, search_metrics
 
 __all__ = ["rerank_metrics", "run_eval", "evaluate_task", "example_from_record"]
@@ -98,6 +98,7 @@ class LMOptions:
     batch_size: int = 16
     max_length: int = 0  # prompt + answer tokens (0 = the LLM's own context)
     per_example: bool = False  # also return each example's answer log-likelihood ("logliks"), for paired statistics
+    key_with_continuation: bool = False  # lrlm: rank each chunk joined with the one after it (tasks.py)
 
 
 def build_corpus(examples, corpus=None):
@@ -168,9 +169,10 @@ def evaluate_search(examples, retriever, *, ks, corpus=None):
     return _retrieval(examples, retriever, ks=ks, corpus=corpus)[2]
 
 
-def _top(examples, retriever, k):
-    ranked = retriever.rank([ex.query for ex in examples], [list(ex.candidates) for ex in examples],
-                            task=examples[0].task)
+def _top(examples, retriever, k, keys=None):
+    """The top-k candidate indices per example, ranked over `keys` (default: the candidate texts)."""
+    keys = keys or [list(ex.candidates) for ex in examples]
+    ranked = retriever.rank([ex.query for ex in examples], keys, task=examples[0].task)
     return [np.asarray(r[:k], np.int64) for r in ranked]
 
 
@@ -187,8 +189,9 @@ def evaluate_icl(examples, retriever, lm, *, k, options):
 
 
 def evaluate_lrlm(examples, retriever, lm, *, k, options):
+    keys = [tasks.keys_with_continuation(ex.candidates) for ex in examples] if options.key_with_continuation else None
     prompts = []
-    for ex, top in zip(examples, _top(examples, retriever, k)):
+    for ex, top in zip(examples, _top(examples, retriever, k, keys)):
         # Each retrieved chunk brings the chunk after it (the released self-retrieval
         # setting); together they stay in the order of the history.
         chosen = sorted({j for i in top for j in (i, i + 1) if j < len(ex.candidates)})
@@ -348,7 +351,8 @@ def run_eval(config, workdir, *, lm=None):
     if len({r.name for r in retrievers}) != len(retrievers):
         raise ValueError(f"retriever names must differ: {[r.name for r in retrievers]} (use '<name>=<spec>')")
     options = LMOptions(key_max_tokens=config.key_max_tokens, max_new_tokens=config.max_new_tokens,
-                        batch_size=config.batch_size, max_length=config.max_length)
+                        batch_size=config.batch_size, max_length=config.max_length,
+                        key_with_continuation=config.key_with_continuation)
     if lm is None and any(t in LM_TASKS for grouped, _ in files.values() for t in grouped):
         lm = score.load_reward_lm(config)
 

@@ -56,6 +56,17 @@ REWARD_TEMPLATES = {
 }
 
 
+def keys_with_continuation(chunks):
+    """lrlm keys as the LLM gets them: each history chunk joined with the one after it (the last alone).
+
+    The reward and the evaluation prompt put a retrieved chunk's continuation after it
+    (`REWARD_TEMPLATES`), so what a candidate is worth depends on both; an encoder that reads
+    the pair sees all of it.
+    """
+    chunks = list(chunks)
+    return [chunk + after for chunk, after in zip(chunks, chunks[1:])] + chunks[-1:]
+
+
 def check_task(task):
     if task is not None and task not in TASKS:
         raise ValueError(f"unknown task {task!r}: expected one of {', '.join(TASKS)} or None")

@@ -275,6 +275,19 @@ def test_chat_candidates_are_the_history_and_lrlm_positives_come_from_the_teache
     np.testing.assert_array_equal(sample["teacher_scores"], np.float32([-1.5, -2.0, -2.5]))
 
 
+def test_lrlm_keys_can_carry_their_continuation():
+    assert tasks.keys_with_continuation(["c0", "c1", "c2"]) == ["c0c1", "c1c2", "c2"]
+    assert tasks.keys_with_continuation([]) == []
+    lrlm = records.validate_record(LRLM, where="l:1")
+    sample = make(lrlm, group_size=3, select_positive="teacher", select_negative="teacher+",
+                  key_with_continuation=True)
+    # The same candidates in the same order, each read with the chunk after it; scores unchanged.
+    assert sample["keys"] == ["c1c2", "c0c1", "c2"]
+    np.testing.assert_array_equal(sample["teacher_scores"], np.float32([-1.5, -2.0, -2.5]))
+    with pytest.raises(ValueError, match="key_with_continuation applies to lrlm"):
+        samples.task_settings("qa", {"key_with_continuation": True})
+
+
 def test_filters_drop_whole_records_by_teacher_scores():
     def reason(record, **settings):
         return samples.filter_reason(record, settings=samples.SampleSettings(**settings), group_size=4)

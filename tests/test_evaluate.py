@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from llm_embedder_jax import evaluate, metrics, search
+from llm_embedder_jax import evaluate, metrics, rewards, search, tasks
 from llm_embedder_jax.data import records
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -191,6 +191,34 @@ class Fixed(search.Retriever):
 
     def search(self, queries, corpus, *, task, k):
         return [np.array([list(corpus).index(t)]) for t in self.texts]
+
+
+class LongestFirst(search.Retriever):
+    """Ranks the longest key first, and keeps the keys it was given."""
+
+    def rank(self, queries, candidates_per_query, *, task):
+        self.keys = candidates_per_query
+        return [np.argsort([-len(key) for key in keys], kind="stable") for keys in candidates_per_query]
+
+
+def test_lrlm_ranks_chunks_with_their_continuation_when_asked(lm):
+    chunks = ["class Box:\n", "    width = 2\n    height = 3\n    depth = 4\n", "    x = 1\n"]
+    example = evaluate.example_from_record(records.validate_record(
+        {"task": "lrlm", "query": "    def area(self):\n", "answers": ["        return self.width * self.height\n"],
+         "pos": [], "neg": chunks, "context": ""}, where="t:1"))
+    got = {}
+    for joined in (False, True):
+        retriever = LongestFirst()
+        options = evaluate.LMOptions(key_max_tokens=96, batch_size=4, per_example=True, key_with_continuation=joined)
+        got[joined] = evaluate.evaluate_lrlm([example], retriever, lm, k=1, options=options)["logliks"][0]
+        assert retriever.keys == [tasks.keys_with_continuation(chunks) if joined else chunks]
+    # Plain keys pick chunk 1 (the longest), joined ones chunk 0 (chunks 0+1 the longest pair):
+    # the prompt is the picked chunk and the one after it.
+    expected = {joined: lm.loglik([rewards.reward_prompt("lrlm", query=example.query, key=chunks[i] + chunks[i + 1])],
+                                  [example.answers[0]])[0] for joined, i in ((False, 1), (True, 0))}
+    for joined in (False, True):
+        assert math.isclose(got[joined], expected[joined], abs_tol=1e-5)
+    assert got[False] != got[True]
 
 
 def test_qa_positive_passage_beats_a_negative(toy_dir, lm):

@@ -51,6 +51,7 @@ class SampleSettings:
     teacher_scores_margin: float | None = None  # drop records whose scores span less (max - min)
     max_sample_num: int | None = None  # use at most this many records of the dataset
     instruction: bool = True  # prepend the task's query / key instructions
+    key_with_continuation: bool = False  # lrlm: keys are each candidate with the one after it (tasks.py)
 
     def __post_init__(self):
         if self.select_positive not in SELECT_POSITIVE:
@@ -93,6 +94,8 @@ def task_settings(task, overrides=None):
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"unknown sample settings {unknown}: expected some of {sorted(known)}")
+    if overrides.get("key_with_continuation") and task != "lrlm":
+        raise ValueError(f"key_with_continuation applies to lrlm (consecutive history chunks), not {task}")
     return dataclasses.replace(RELEASE_SETTINGS[task], **overrides)
 
 
@@ -162,6 +165,8 @@ def build_sample(record, *, settings, group_size, rng):
     """{"query": str, "keys": [G] str, "teacher_scores": float32 [G] or None, "task": str}."""
     _check_compatible(record, settings)
     texts, num_pos = candidates(record)
+    if settings.key_with_continuation:
+        texts = tasks.keys_with_continuation(texts)
     scores = record["teacher_scores"]
     positive = _positive(record, settings, num_pos, rng)
     pool = np.array([i for i in range(num_pos, len(texts)) if i != positive], np.int64)
