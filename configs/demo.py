@@ -10,11 +10,11 @@ Long-range language modelling: the LLM predicts the next chunk of a source file
 from the current one, and the retriever picks one earlier chunk of the same
 file (read with the chunk after it) to put in front. Samples come from
 `data.source` (`data/code_lrlm.py`), the bundled SmolLM2-135M-Instruct rewards
-each candidate chunk of the training files, the bundled all-MiniLM-L6-v2 is fine-tuned on those rewards with the
-lrlm recipe (KL distillation, T_teacher 0.1), and held-out files measure the
-LLM's perplexity of the next chunk with the top-1 retrieved chunk (and its
-continuation) in the prompt: no retrieval, BM25, the encoder before and after
-training. Stages are cached under the workdir (data/, score/, train/, eval/):
+each candidate chunk of the training files, the bundled all-MiniLM-L6-v2 is
+fine-tuned on those rewards with the lrlm recipe (KL distillation, T_teacher
+0.1), and held-out files measure the LLM's perplexity of the next chunk with
+the top-1 retrieved chunk (and its continuation) in the prompt: no retrieval,
+BM25, the encoder before and after training. Stages are cached under the workdir (data/, score/, train/, eval/):
 a rerun skips what is done.
 
 Variants (comma-separated): `quick` (a handful of files, for CI), `full`
