@@ -263,13 +263,17 @@ def read_step_log(workdir):
 
 def _cut_step_log(folder, step):
     """Drops the entries after `step`: a resumed run redoes those steps."""
+    kept = []
     for first, part in _step_log_parts(folder):
         if first > step:
             part.unlink()
         else:
-            entries = [json.loads(line) for line in part.read_text().splitlines()]
-            if entries and entries[-1]["step"] > step:
-                _write_step_log(folder, [e for e in entries if e["step"] <= step])
+            kept.append(part)
+    # Parts are consecutive, so only the last kept one can reach past `step`: the others are not read.
+    if kept:
+        entries = [json.loads(line) for line in kept[-1].read_text().splitlines()]
+        if entries and entries[-1]["step"] > step:
+            _write_step_log(folder, [e for e in entries if e["step"] <= step])
 
 
 def _write_step_log(folder, entries):
@@ -315,9 +319,10 @@ def train_and_evaluate(config, workdir):
     step = int(state["step"])
     # Every step's loss across restarts (train_report.json has only this invocation's): the
     # entries since the last flush to workdir/STEP_LOG.
-    step_log = [] if jax.process_index() == 0 else None
-    if step_log is not None:
+    step_log = None
+    if jax.process_index() == 0:
         _cut_step_log(workdir / STEP_LOG, step)
+        step_log = []
     progress = tqdm(total=config.num_steps, initial=step, desc="train", unit="step",
                     disable=jax.process_index() != 0)
     window = {"loss": {}, "examples": 0, "start": time.perf_counter()}
