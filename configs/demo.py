@@ -63,7 +63,7 @@ def get_config(arg=None):
     # the LLM on files it has not seen.
     config.data.train = ml_collections.ConfigDict(dict(max_files=0, max_samples_per_file=1, min_candidates=8,
                                                        max_candidates=8))
-    config.data.test = ml_collections.ConfigDict(dict(max_files=0, max_samples_per_file=8, min_candidates=8,
+    config.data.test = ml_collections.ConfigDict(dict(max_files=0, max_samples_per_file=12, min_candidates=8,
                                                       max_candidates=8))
 
     # --- teacher scores of the train split (score.py); its LLM also measures the perplexities ---

@@ -58,8 +58,9 @@ def get_config(arg=None):
     config.max_length = 0  # cap on prompt + answer tokens (0 = the LLM's own context)
     config.key_max_tokens = 256  # each retrieved text is cut to this many LLM tokens (0 = no cut)
     # lrlm: rank each history chunk joined with the one after it, the text the LLM then gets
-    # (for an encoder trained with that dataset setting, samples.SampleSettings).
-    config.key_with_continuation = False
+    # (samples.SampleSettings.key_with_continuation). "auto": as the compared encoders were trained
+    # (their exports record it), plain chunks when none says; "true" / "false" for every retriever.
+    config.key_with_continuation = "auto"
     config.max_new_tokens = 32  # greedy output length of qa and icl answers
 
     config.embed = ml_collections.ConfigDict()  # how embedding retrievers encode

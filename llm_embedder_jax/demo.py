@@ -205,7 +205,7 @@ def plot_summary(summary, path, *, title):
 
 def run_demo(config, workdir):
     """`main.py --mode=demo`: every stage (skipping those already done); returns the report."""
-    from llm_embedder_jax import score, search, sharding, train, validation
+    from llm_embedder_jax import rewards, score, search, sharding, train, validation
 
     validation.validate(config, "demo", check_data=False)  # its stages make the data
     if config.seeds < 1:
@@ -220,13 +220,20 @@ def run_demo(config, workdir):
             lm_holder["lm"] = score.load_reward_lm(config.score)
         return lm_holder["lm"]
 
+    def eval_lm():  # rows that pick the same chunk for a sample share its LLM pass
+        if "eval" not in lm_holder:
+            lm_holder["eval"] = rewards.LoglikMemo(reward_lm())
+        return lm_holder["eval"]
+
     data_key = _plain(config.data)
     data_report = stages.run("data", data_key, lambda: make_data(config, data_dir))
 
     scoring = score_config(config, data_dir)
     # Only the train split is scored: a change to the test split leaves the scores and the training.
     train_data_key = {k: v for k, v in data_key.items() if k != "test"}
-    score_key = {"data": train_data_key, "score": _plain({k: v for k, v in scoring.items() if k != "workdir"})}
+    # The input paths name the workdir (already keyed by the data settings): a moved workdir stays reusable.
+    score_key = {"data": train_data_key, "score": _plain({k: v for k, v in scoring.items()
+                                                          if k not in ("workdir", "inputs")})}
     stages.run("score", score_key, lambda: score.score_files(scoring, score_dir, lm=reward_lm()))
 
     seeds = [config.train.seed + i for i in range(config.seeds)]
@@ -250,10 +257,10 @@ def run_demo(config, workdir):
         if not target:
             raise ValueError(f"config.eval.retrievers entry {spec!r}: expected '<name>=<retriever>'")
         rows[name] = [stages.run(f"eval/{name}", eval_key, lambda: evaluate_row(
-            target, examples=examples, lm=reward_lm(), config=config, mesh=mesh))]
+            target, examples=examples, lm=eval_lm(), config=config, mesh=mesh))]
     rows[TRAINED] = [stages.run(f"eval/{TRAINED}_seed_{seed}", {**eval_key, "model": search.model_fingerprint(exports[seed])},
                                 lambda: evaluate_row(f"{TRAINED}={exports[seed]}", examples=examples,
-                                                     lm=reward_lm(), config=config, mesh=mesh))
+                                                     lm=eval_lm(), config=config, mesh=mesh))
                      for seed in seeds]
 
     summary = summarize(rows)

@@ -328,6 +328,30 @@ def check_config(config):
                          f"expected one of {', '.join(search.BACKENDS)}")
 
 
+def lrlm_keys(setting, retrievers):
+    """Whether lrlm candidates are ranked joined with their continuation, for every retriever alike.
+
+    "auto": as the retrievers' encoders were trained (recorded in their exports), else plain chunks;
+    "true" / "false" (or a bool): as set, with a warning for an encoder trained the other way.
+    """
+    setting = {"true": True, "false": False}.get(str(setting).lower(), setting)
+    recorded = {r.name: r.lrlm_key_with_continuation for r in retrievers
+                if r.lrlm_key_with_continuation is not None}
+    if setting == "auto":
+        if len(set(recorded.values())) > 1:
+            raise ValueError(f"key_with_continuation='auto', but the retrievers were trained on different lrlm keys "
+                             f"({recorded}: True = joined with their continuation); set it to 'true' or 'false'")
+        return next(iter(recorded.values()), False)
+    if setting not in (True, False):
+        raise ValueError(f"key_with_continuation must be 'auto', 'true' or 'false', got {setting!r}")
+    for name, trained in recorded.items():
+        if trained != setting:
+            logging.warning("retriever %s was trained on lrlm keys %s their continuation; evaluated %s it "
+                            "(config.key_with_continuation=%s)", name, "with" if trained else "without",
+                            "with" if setting else "without", setting)
+    return setting
+
+
 def run_eval(config, workdir, *, lm=None):
     """`--mode=eval`: every retriever on every file; writes eval.json and eval.png to `workdir`.
 
@@ -350,14 +374,15 @@ def run_eval(config, workdir, *, lm=None):
     retrievers = [search.build_retriever(spec, config, mesh=mesh) for spec in config.retrievers]
     if len({r.name for r in retrievers}) != len(retrievers):
         raise ValueError(f"retriever names must differ: {[r.name for r in retrievers]} (use '<name>=<spec>')")
+    key_with_continuation = lrlm_keys(config.key_with_continuation, retrievers)
     options = LMOptions(key_max_tokens=config.key_max_tokens, max_new_tokens=config.max_new_tokens,
                         batch_size=config.batch_size, max_length=config.max_length,
-                        key_with_continuation=config.key_with_continuation)
+                        key_with_continuation=key_with_continuation)
     if lm is None and any(t in LM_TASKS for grouped, _ in files.values() for t in grouped):
         lm = score.load_reward_lm(config)
 
     report = {"ks": list(check_ks(config.ks)), "k": config.k.to_dict(), "retrievers": [r.name for r in retrievers],
-              "evaluations": {}}
+              "lrlm_key_with_continuation": key_with_continuation, "evaluations": {}}
     for path, (grouped, skipped) in files.items():
         for task, examples in grouped.items():
             key = path.stem if len(grouped) == 1 else f"{path.stem}:{task}"

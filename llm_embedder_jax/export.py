@@ -17,6 +17,8 @@ from llm_embedder_jax import atomic, buckets, encoder, jsonl, paths, sharding, t
 
 # Compute dtypes; parameters stay float32. float64 (with jax x64 enabled) serves numerical tests.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
+# Facts about an exported encoder's training that decide how it must be used (read by the eval mode).
+TRAINING_FILE = "llm_embedder_training.json"
 
 
 def _check_texts(texts):
@@ -107,8 +109,9 @@ class Embedder:
             out[index] = np.asarray(vectors)[:len(index)]
         return out
 
-    def save_pretrained(self, out_dir):
-        """Writes a transformers + sentence-transformers folder, atomically."""
+    def save_pretrained(self, out_dir, *, training=None):
+        """Writes a transformers + sentence-transformers folder, atomically; `training` (a dict),
+        when given, goes to TRAINING_FILE."""
         from safetensors.numpy import save_file
         params = jax.device_get(self.params)
         tensors = encoder.params_to_hf(params)
@@ -123,7 +126,16 @@ class Embedder:
             self.tokenizer.save_pretrained(str(tmp))
             _write_sentence_transformers_files(tmp, pooling=self.config.pooling,
                                                dim=self.config.hidden_size, max_length=self.max_length)
+            if training:
+                (tmp / TRAINING_FILE).write_text(json.dumps(training, indent=2))
         return paths.as_path(out_dir)
+
+
+def recorded_lrlm_keys(folder):
+    """Whether the folder's encoder was trained on lrlm keys joined with their continuation
+    (True / False), or None when its training did not record it."""
+    path = pathlib.Path(folder) / TRAINING_FILE
+    return json.loads(path.read_text()).get("lrlm_key_with_continuation") if path.is_file() else None
 
 
 def _write_sentence_transformers_files(folder, *, pooling, dim, max_length):

@@ -95,6 +95,31 @@ def loglik_pairs(lm, pairs, *, batch_size, max_length):
     return scores[[index[pair] for pair in pairs]]
 
 
+class LoglikMemo:
+    """An LLM whose `loglik` scores each (prompt, answer, max_length) once across calls.
+
+    Evaluation rows that retrieve the same chunk for a sample build the same prompt:
+    the rows of one run then share that LLM pass. Everything else goes to the wrapped LLM.
+    """
+
+    def __init__(self, lm):
+        self._lm, self._scores = lm, {}
+
+    def __getattr__(self, name):
+        return getattr(self._lm, name)
+
+    def loglik(self, prompts, answers, *, batch_size=16, max_length=None):
+        if len(prompts) != len(answers):
+            raise ValueError(f"got {len(prompts)} prompts but {len(answers)} answers; they must pair up")
+        keys = [(p, a, max_length) for p, a in zip(prompts, answers)]
+        missing = list(dict.fromkeys(k for k in keys if k not in self._scores))
+        if missing:
+            scores = self._lm.loglik([p for p, _, _ in missing], [a for _, a, _ in missing],
+                                     batch_size=batch_size, max_length=max_length)
+            self._scores.update(zip(missing, np.asarray(scores, np.float32).tolist()))
+        return np.array([self._scores[k] for k in keys], np.float32)
+
+
 def _split(flat, sizes):
     return np.split(flat, np.cumsum(sizes)[:-1]) if sizes else []
 

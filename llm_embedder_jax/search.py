@@ -187,6 +187,7 @@ def cached_embeddings(encode, texts, *, cache_dir, key):
 
 class Retriever:
     name = "retriever"
+    lrlm_key_with_continuation = None  # how the encoder's lrlm training keys were formed, if recorded
 
     def applies_to(self, task):
         return True
@@ -341,7 +342,7 @@ def _trained_with_instructions(folder):
 def build_retriever(spec, config, *, mesh):
     """A retriever from "bm25" | "none" | "recency" | "minilm" | "<folder>" | "<name>=<any of those>"."""
     from llm_embedder_jax import assets
-    from llm_embedder_jax.export import Embedder
+    from llm_embedder_jax.export import Embedder, recorded_lrlm_keys
     name, sep, target = spec.partition("=")
     if not sep:
         name, target = "", spec
@@ -357,8 +358,10 @@ def build_retriever(spec, config, *, mesh):
         raise ValueError(f"instructions must be 'auto', 'always' or 'never', got {config.instructions!r}")
     instructions = config.instructions == "always" or (
         config.instructions == "auto" and _trained_with_instructions(folder))
-    return EmbedderRetriever(
+    retriever = EmbedderRetriever(
         Embedder.from_pretrained(folder, mesh=mesh), name=name or ("minilm" if target == "minilm" else folder.name),
         instructions=instructions, fingerprint=model_fingerprint(folder), batch_size=config.embed.batch_size,
         max_length=config.embed.max_length, cache_dir=config.search.cache_dir, backend=config.search.backend,
         chunk_size=config.search.chunk_size, query_batch=config.search.query_batch, mesh=mesh)
+    retriever.lrlm_key_with_continuation = recorded_lrlm_keys(folder)
+    return retriever

@@ -197,6 +197,13 @@ def train_datasets(config):
     return entries
 
 
+def _training_facts(config):
+    """What the export records for its users: how the lrlm keys were formed, when every lrlm
+    dataset formed them alike (the eval mode then forms its keys the same way)."""
+    modes = {bool(d.settings.get("key_with_continuation", False)) for d in config.datasets if d.task == "lrlm"}
+    return {"lrlm_key_with_continuation": modes.pop()} if len(modes) == 1 else None
+
+
 class _Preemption:
     """SIGTERM (a preemption notice) stops the loop at a step boundary, where it saves and returns.
 
@@ -406,7 +413,8 @@ def train_and_evaluate(config, workdir):
     _write_scalars(writer, {f"eval/mrr@10/{k}": v for k, v in final_eval.items()}, step)
     export_dir = paths.as_path(config.export_dir or workdir / "export")
     if jax.process_index() == 0:
-        embedder.with_params(jax.device_get(state["params"])).save_pretrained(export_dir)
+        embedder.with_params(jax.device_get(state["params"])).save_pretrained(export_dir,
+                                                                               training=_training_facts(config))
         with atomic.atomic_file(workdir / "train_report.json") as f:
             json.dump({"steps": step, "nonfinite_steps": int(state["nonfinite_steps"]),
                        "eval_mrr@10": final_eval, "losses": history, "export": str(export_dir)}, f, indent=1)

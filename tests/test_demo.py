@@ -6,7 +6,7 @@ import math
 import pytest
 
 from configs import demo as demo_config
-from llm_embedder_jax import demo, score
+from llm_embedder_jax import demo, export, score
 
 STAGES = ("data", "score", "train/seed_0", "eval/none", "eval/bm25", "eval/untrained", "eval/trained_seed_0")
 
@@ -31,6 +31,8 @@ def test_quick_demo_reports_every_row(finished):
     assert json.loads((workdir / "report.json").read_text())["rows"] == report["rows"]
     assert (workdir / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (workdir / "export" / "model.safetensors").exists()
+    # The export says how its lrlm keys were formed, for the eval mode to form them alike.
+    assert export.recorded_lrlm_keys(workdir / "export") is config.key_with_continuation is True
     assert all(not report["stages"][name]["skipped"] for name in STAGES)
     # Every train record was scored, one teacher score per candidate.
     scored = [json.loads(line) for line in open(workdir / "score" / "train.jsonl")]

@@ -221,6 +221,35 @@ def test_lrlm_ranks_chunks_with_their_continuation_when_asked(lm):
     assert got[False] != got[True]
 
 
+class Recorded(search.Retriever):
+    def __init__(self, name, trained_joined):
+        self.name, self.lrlm_key_with_continuation = name, trained_joined
+
+
+def test_lrlm_keys_follow_what_the_encoders_were_trained_on(caplog):
+    joined, plain, unknown = Recorded("a", True), Recorded("b", False), Recorded("bm25", None)
+    assert evaluate.lrlm_keys("auto", [joined, unknown]) is True
+    assert evaluate.lrlm_keys("auto", [plain, unknown]) is False
+    assert evaluate.lrlm_keys("auto", [unknown]) is False  # nothing recorded: plain chunks
+    with pytest.raises(ValueError, match=r"different lrlm keys \(\{'a': True, 'b': False\}"):
+        evaluate.lrlm_keys("auto", [joined, plain])
+    assert evaluate.lrlm_keys("false", [joined, plain]) is False  # set: every row alike
+    assert "retriever a was trained on lrlm keys with their continuation; evaluated without it" in caplog.text
+    assert "retriever b" not in caplog.text
+    assert evaluate.lrlm_keys(True, [joined]) is True
+    with pytest.raises(ValueError, match="'auto', 'true' or 'false', got 'yes'"):
+        evaluate.lrlm_keys("yes", [joined])
+
+
+def test_exports_record_their_lrlm_keys_for_retrievers(minilm, minilm_dir, tmp_path):
+    from llm_embedder_jax import export
+    config = _config(pathlib.Path("."), tmp_path)
+    assert search.build_retriever("minilm", config, mesh=None).lrlm_key_with_continuation is None
+    minilm.embedder.save_pretrained(tmp_path / "joined", training={"lrlm_key_with_continuation": True})
+    assert export.recorded_lrlm_keys(tmp_path / "joined") is True
+    assert search.build_retriever(f"mine={tmp_path / 'joined'}", config, mesh=None).lrlm_key_with_continuation is True
+
+
 def test_qa_positive_passage_beats_a_negative(toy_dir, lm):
     examples = _examples(toy_dir, "qa", 3)
     rng = np.random.default_rng(0)
@@ -290,6 +319,7 @@ def test_run_eval_writes_report_chart_and_table(toy_dir, lm, tmp_path, capsys):
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved == json.loads(json.dumps(report))
     assert saved["retrievers"] == ["minilm", "lexical", "none", "recency"]
+    assert saved["lrlm_key_with_continuation"] is False  # "auto", and no export says otherwise
     chat, tool = saved["evaluations"]["chat"], saved["evaluations"]["tool"]
     assert chat["records"] == 2 and chat["task"] == "chat" and chat["headline"] == ["perplexity"]
     assert set(chat["results"]) == set(saved["retrievers"])

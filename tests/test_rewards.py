@@ -125,6 +125,20 @@ def test_rank_aware_rewards_by_hand(minilm_dir):
     assert lm.sampled_prompts == [p1, p2]
 
 
+def test_loglik_memo_scores_each_pair_once_across_calls():
+    table = {("p1", "a"): -1.0, ("p2", "a"): -2.0, ("p3", "b"): -3.0}
+    inner = ScriptedLM(tokenizer=None, table=table, samples={})
+    lm = rewards.LoglikMemo(inner)
+    np.testing.assert_array_equal(lm.loglik(["p1", "p2", "p1"], ["a", "a", "a"]), [-1.0, -2.0, -1.0])
+    np.testing.assert_array_equal(lm.loglik(["p2", "p3"], ["a", "b"]), [-2.0, -3.0])
+    assert inner.scored_pairs == [("p1", "a"), ("p2", "a"), ("p3", "b")]  # nothing scored twice
+    lm.loglik(["p1"], ["a"], max_length=8)  # another truncation: another score
+    assert inner.scored_pairs[-1] == ("p1", "a") and len(inner.scored_pairs) == 4
+    assert lm.tokenizer is None and lm.samples == {}  # the rest is the wrapped LLM's
+    with pytest.raises(ValueError, match="2 prompts but 1 answers"):
+        lm.loglik(["p1", "p2"], ["a"])
+
+
 def test_likelihood_rewards_truncate_keys_and_align(minilm_dir):
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir))
