@@ -2,6 +2,7 @@
 import json
 import logging
 import math
+import shutil
 
 import pytest
 
@@ -63,6 +64,16 @@ def test_rerun_skips_finished_stages_and_adds_a_seed(finished, caplog, monkeypat
         again = demo.run_demo(config, workdir)
     assert all(stage["skipped"] for stage in again["stages"].values())
     assert again["rows"] == report["rows"]
+
+
+def test_a_moved_workdir_is_reused(finished, tmp_path, monkeypatch):
+    workdir, config, first = finished
+    moved = tmp_path / "moved"
+    shutil.copytree(workdir, moved)
+    monkeypatch.setattr(score, "load_reward_lm", lambda config: pytest.fail("the LLM was loaded"))
+    report = demo.run_demo(config, moved)
+    assert all(stage["skipped"] for stage in report["stages"].values())
+    assert report["rows"] == first["rows"]
 
 
 def test_a_stage_done_under_other_settings_is_an_error(finished):
