@@ -84,15 +84,8 @@ def key_prompts(examples, tokenizer, *, key_max_tokens):
 
 def loglik_pairs(lm, pairs, *, batch_size, max_length):
     """Mean answer log-likelihood of each (prompt, answer) pair; each distinct pair is scored once."""
-    index = {}
-    for pair in pairs:
-        index.setdefault(pair, len(index))
-    if not index:
-        return np.zeros(0, np.float32)
-    unique = list(index)
-    scores = np.asarray(lm.loglik([p for p, _ in unique], [a for _, a in unique],
-                                  batch_size=batch_size, max_length=max_length), np.float32)
-    return scores[[index[pair] for pair in pairs]]
+    return LoglikMemo(lm).loglik([p for p, _ in pairs], [a for _, a in pairs], batch_size=batch_size,
+                                 max_length=max_length)
 
 
 class LoglikMemo:
