@@ -128,7 +128,7 @@ def evaluate_row(spec, *, examples, lm, config, mesh):
     retriever = search.build_retriever(spec, config.eval, mesh=mesh)
     options = evaluate.LMOptions(key_max_tokens=config.eval.key_max_tokens, batch_size=config.eval.batch_size,
                                  max_length=config.eval.max_length, per_example=True,
-                                 key_with_continuation=config.key_with_continuation)
+                                 key_with_continuation=evaluate.lrlm_keys(config.key_with_continuation, [retriever]))
     return evaluate.evaluate_task(examples, retriever, lm, k=config.eval.k, ks=(1,), options=options)
 
 

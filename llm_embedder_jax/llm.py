@@ -549,6 +549,14 @@ def _check_texts(texts, name):
     return texts
 
 
+def check_pairs(prompts, answers):
+    """Both as lists of strings of one length (a (prompt, answer) pair each), or a clear error."""
+    prompts, answers = _check_texts(prompts, "prompts"), _check_texts(answers, "answers")
+    if len(prompts) != len(answers):
+        raise ValueError(f"got {len(prompts)} prompts but {len(answers)} answers; they must pair up")
+    return prompts, answers
+
+
 def _round_up(n, multiple):
     return -(-n // multiple) * multiple
 
@@ -618,9 +626,7 @@ class RewardLM:
         Pairs that share a prompt run it once and score their answers from its
         KV cache (same results, a fraction of the compute).
         """
-        prompts, answers = _check_texts(prompts, "prompts"), _check_texts(answers, "answers")
-        if len(prompts) != len(answers):
-            raise ValueError(f"got {len(prompts)} prompts but {len(answers)} answers; they must pair up")
+        prompts, answers = check_pairs(prompts, answers)
         max_length = max_length or self.config.max_position_embeddings
         prompt_ids = self._prompt_ids(prompts)
         answer_ids = self.tokenizer(answers, add_special_tokens=False)["input_ids"] if answers else []

@@ -102,8 +102,8 @@ class LoglikMemo:
         return getattr(self._lm, name)
 
     def loglik(self, prompts, answers, *, batch_size=16, max_length=None):
-        if len(prompts) != len(answers):
-            raise ValueError(f"got {len(prompts)} prompts but {len(answers)} answers; they must pair up")
+        from llm_embedder_jax.llm import check_pairs
+        prompts, answers = check_pairs(prompts, answers)  # before zipping drops the unpaired
         keys = [(p, a, max_length) for p, a in zip(prompts, answers)]
         missing = list(dict.fromkeys(k for k in keys if k not in self._scores))
         if missing:

@@ -200,7 +200,9 @@ def train_datasets(config):
 def _training_facts(config):
     """What the export records for its users: how the lrlm keys were formed, when every lrlm
     dataset formed them alike (the eval mode then forms its keys the same way)."""
-    modes = {bool(d.settings.get("key_with_continuation", False)) for d in config.datasets if d.task == "lrlm"}
+    from llm_embedder_jax.data import samples as sample_settings
+    modes = {sample_settings.task_settings("lrlm", d.settings).key_with_continuation
+             for d in config.datasets if d.task == "lrlm"}
     return {"lrlm_key_with_continuation": modes.pop()} if len(modes) == 1 else None
 
 
